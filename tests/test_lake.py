@@ -1,0 +1,182 @@
+"""The data lake against real storage: a local directory, a real XRootD server, a real WebDAV server (TLS)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from mqexec.lake import Lake, LakeError, LakeRef, cache_key, open_lake
+from tests.lake_servers import LakeServer, free_port, put_from_child, webdav_server, xrootd_server
+
+__all__ = ["webdav_server", "xrootd_server"]  # fixtures used by name below
+
+
+@dataclass
+class Site:
+    """One lake for one test: its URL, the same directory on local disk, and how to open it."""
+
+    url: str
+    local: str
+    server: LakeServer
+
+    def lake(self) -> Lake:
+        return Lake(self.url, **self.server.storage_options())
+
+    def on_disk(self, ref: LakeRef) -> str:
+        return os.path.join(self.local, ref.url[len(self.url) + 1 :])
+
+
+@pytest.fixture(params=["file", "root", "davs"])
+def site(request: pytest.FixtureRequest, tmp_path: Any) -> Site:
+    sub = uuid.uuid4().hex[:12]
+    if request.param == "file":
+        server = LakeServer(f"file://{tmp_path}", str(tmp_path))
+    elif request.param == "root":
+        server = request.getfixturevalue("xrootd_server")
+    else:
+        server = request.getfixturevalue("webdav_server")
+    return Site(f"{server.url}/{sub}", os.path.join(server.local_dir, sub), server)
+
+
+def _flip_byte(path: str, offset: int = 3) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_round_trip(site: Site) -> None:
+    lake = site.lake()
+    data = os.urandom(100_000) + b"result"
+    ref = lake.put(data)
+    assert ref.size == len(data)
+    assert ref.url == f"{site.url}/objects/{ref.sha256[:2]}/{ref.sha256}"
+    assert LakeRef.from_dict(ref.to_dict()) == ref
+    assert lake.get(LakeRef.from_dict(ref.to_dict())) == data
+    with open(site.on_disk(ref), "rb") as f:
+        assert f.read() == data
+    # a second Lake on the same URL (another process, in real life) reads it too
+    assert site.lake().get(ref) == data
+    assert lake.get(lake.put(b"")) == b""
+
+
+def test_put_is_idempotent(site: Site) -> None:
+    lake = site.lake()
+    ref = lake.put(b"same bytes")
+    path = site.on_disk(ref)
+    before = os.stat(path).st_mtime_ns
+    assert lake.put(b"same bytes") == ref
+    assert os.stat(path).st_mtime_ns == before  # not rewritten
+    assert os.listdir(os.path.dirname(path)) == [ref.sha256]  # no temporary files left behind
+
+
+def test_corruption_is_detected(site: Site) -> None:
+    lake = site.lake()
+    ref = lake.put(b"0123456789" * 100)
+    _flip_byte(site.on_disk(ref))
+    with pytest.raises(LakeError, match=r"corrupt.*sha256") as e:
+        lake.get(ref)
+    assert ref.url in str(e.value)
+    with open(site.on_disk(ref), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(LakeError, match=r"corrupt.*size") as e:
+        lake.get(ref)
+    assert ref.url in str(e.value)
+
+
+def test_missing_object_and_delete(site: Site) -> None:
+    lake = site.lake()
+    ref = lake.put(b"short-lived")
+    lake.delete(ref)
+    assert not os.path.exists(site.on_disk(ref))
+    with pytest.raises(LakeError, match="missing object") as e:
+        lake.get(ref)
+    assert ref.url in str(e.value)
+    assert lake.put(b"short-lived") == ref  # stored again, not skipped on a stale listing
+    assert lake.get(ref) == b"short-lived"
+    with pytest.raises(LakeError, match="not an object of the lake"):
+        lake.get(LakeRef("file:///elsewhere/objects/aa/aa", 1, "aa"))
+
+
+def test_chunk_cache(site: Site) -> None:
+    lake = site.lake()
+    key = cache_key("processor-sha", "file-uuid", "Events", 0, 200_000)
+    assert lake.cache_get(key) is None
+    lake.cache_put(key, b"partial accumulator")
+    assert lake.cache_get(key) == b"partial accumulator"
+    lake.cache_put(key, b"rerun result")  # last writer wins
+    assert lake.cache_get(key) == b"rerun result"
+    path = os.path.join(site.local, "cache", key[:2], key)
+    assert os.listdir(os.path.dirname(path)) == [key]
+    _flip_byte(path, offset=-3 + os.path.getsize(path))
+    with pytest.raises(LakeError, match="corrupt cache record") as e:
+        lake.cache_get(key)
+    assert f"{site.url}/cache/{key[:2]}/{key}" in str(e.value)
+    with pytest.raises(LakeError, match="bad cache key"):
+        lake.cache_get("../etc/passwd")
+
+
+def test_concurrent_puts_make_one_valid_object(site: Site) -> None:
+    data = os.urandom(300_000)
+    n = 4
+    ctx = multiprocessing.get_context("spawn")  # the XRootD client's threads do not survive fork
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=put_from_child, args=(site.url, site.server, data, barrier, results))
+        for _ in range(n)
+    ]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in range(n)]
+    for p in procs:
+        p.join(30)
+    assert all(isinstance(g, dict) for g in got), got
+    refs = {LakeRef.from_dict(g) for g in got}
+    assert len(refs) == 1
+    (ref,) = refs
+    assert os.listdir(os.path.dirname(site.on_disk(ref))) == [ref.sha256]
+    assert site.lake().get(ref) == data
+
+
+def test_webdav_wrong_password_names_url(webdav_server: LakeServer) -> None:
+    opts = webdav_server.storage_options() | {"auth": ("lake", "wrong")}
+    lake = Lake(webdav_server.url + "/auth", **opts)
+    with pytest.raises(LakeError, match="authentication") as e:
+        lake.put(b"x")
+    assert webdav_server.url + "/auth/objects/" in str(e.value)
+
+
+def test_unreachable_server_names_url() -> None:
+    url = f"davs://127.0.0.1:{free_port()}/lake"
+    ref = LakeRef(url + "/objects/ab/abcd", 1, "abcd")
+    with pytest.raises(LakeError, match="unreachable") as e:
+        Lake(url).get(ref)
+    assert ref.url in str(e.value)
+
+
+def test_open_lake(tmp_path: Any) -> None:
+    assert open_lake(None) is None
+    lake = open_lake(str(tmp_path / "lake"))
+    assert isinstance(lake, Lake) and lake.url == f"file://{tmp_path}/lake"
+    assert lake.get(lake.put(b"plain path")) == b"plain path"
+    assert open_lake(f"file://{tmp_path}/x/").url == f"file://{tmp_path}/x"
+    with pytest.raises(LakeError, match=r"rot://.*did you mean root://"):
+        open_lake("rot://host//data")
+    with pytest.raises(LakeError, match=r"did you mean davs://"):
+        open_lake("dabs://host/lake")
+    with pytest.raises(LakeError, match="unknown lake scheme 'zzqx'"):
+        open_lake("zzqx://nowhere")
+    with pytest.raises(LakeError, match="not a lake reference"):
+        LakeRef.from_dict({"url": "file:///x"})
+
+
+def test_cache_key_is_unambiguous() -> None:
+    assert cache_key("ab", "c") != cache_key("a", "bc")
+    assert cache_key("p", 1, 2) == cache_key("p", "1", b"2")
+    assert len(cache_key(b"")) == 64
