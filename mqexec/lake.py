@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 __all__ = ["Lake", "LakeError", "LakeRef", "cache_key", "open_lake"]
 
 _WEBDAV = {"dav": "http", "davs": "https", "webdav": "https", "http": "http", "https": "https"}
-_XROOTD = {"root", "xroot", "roots", "xroots"}
+_XROOTD = {"root", "xroot"}
 # Object stores write an object atomically on close and have no cheap rename: write in place there.
 _NO_RENAME = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"}
 _CACHE_MAGIC = b"MQXC1 "  # cache record = magic + sha256 hex of the payload + b"\n" + payload

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +160,23 @@ def test_unreachable_server_names_url() -> None:
     with pytest.raises(LakeError, match="unreachable") as e:
         Lake(url).get(ref)
     assert ref.url in str(e.value)
+
+
+def test_unreachable_xrootd_names_url(xrootd_server: LakeServer) -> None:  # fixture: fail if xrootd is absent
+    # XRootD reads its retry settings once per process: try it in a fresh one so it fails in a second
+    code = (
+        "from mqexec.lake import Lake, LakeRef, LakeError\n"
+        f"url = 'root://127.0.0.1:{free_port()}//lake'\n"
+        "try:\n"
+        "    Lake(url).get(LakeRef(url + '/objects/ab/abcd', 1, 'abcd'))\n"
+        "except LakeError as e:\n"
+        "    print(e)\n"
+    )
+    env = dict(os.environ, XRD_CONNECTIONRETRY="1", XRD_CONNECTIONWINDOW="2")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert "/lake/objects/ab/abcd: read failed: server unreachable" in out.stdout, out.stdout + out.stderr
 
 
 def test_open_lake(tmp_path: Any) -> None:
