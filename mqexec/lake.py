@@ -67,30 +67,21 @@ def cache_key(*parts: str | int | bytes) -> str:
     return h.hexdigest()
 
 
+_CAUSES = [  # (kind, exception types, pattern over "TypeName: message"); word bounds keep sha256s from matching
+    ("missing object", (FileNotFoundError,), r"\[3011\]|no such file|\b404\b"),
+    ("authentication/permission refused", (PermissionError,),
+     r"\[3010\]|\b40[13]\b|not authori[sz]ed|unauthori[sz]ed|permission denied|forbidden"),
+    ("server unreachable", (ConnectionError, TimeoutError),
+     r"connect(ion|error)|operation expired|unreachable|timed ?out|name resolution"),
+]  # fmt: skip
+
+
 def _cause(exc: BaseException) -> str:
-    """Name the kind of failure for the error message."""
+    """Name the kind of failure for the error message: ``missing object (FileNotFoundError: ...)``."""
     text = f"{type(exc).__name__}: {exc}"
-    low = text.lower()
-    if isinstance(exc, FileNotFoundError) or "[3011]" in text or "no such file" in low or " 404" in low:
-        return f"missing object ({text})"
-    if (
-        isinstance(exc, PermissionError)
-        or "[3010]" in text
-        or "401" in low
-        or "403" in low
-        or "permission denied" in low
-        or "not authorized" in low
-        or "auth" in low
-    ):
-        return f"authentication/permission refused ({text})"
-    if (
-        isinstance(exc, (ConnectionError, TimeoutError))
-        or "connect" in low
-        or "expired" in low
-        or "unreachable" in low
-        or "timed out" in low
-    ):
-        return f"server unreachable ({text})"
+    for kind, types, pattern in _CAUSES:
+        if isinstance(exc, types) or re.search(pattern, text, re.IGNORECASE):
+            return f"{kind} ({text})"
     return text
 
 
