@@ -12,6 +12,10 @@ from tornado_contract_server import TornadoContractServer
 from dirac_submit import HTTPPolicy, TornadoTransport
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "enabled_dependencies(names): DiracX dependencies a diracx.testing app enables")
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
