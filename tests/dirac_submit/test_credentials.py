@@ -1,0 +1,138 @@
+"""RabbitMQUserIssuer against a real RabbitMQ node with the management plugin, started for this module.
+
+The node is private (own ports, data dir and name), so the machine's shared broker is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import requests
+from dirac_pki import PKI
+from tornado_contract_server import TornadoContractServer
+
+from dirac_submit import JobPool, JobTemplate, RabbitMQUserIssuer, TornadoTransport
+
+kombu = pytest.importorskip("kombu", reason="kombu (an mqexec core dependency) is needed to log in over AMQP")
+from amqp.exceptions import AccessRefused  # noqa: E402  (amqp comes with kombu)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def management() -> Iterator[tuple[str, str]]:
+    """(management URL, AMQP URL template) of a private RabbitMQ node with rabbitmq_management."""
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server)")
+    base = Path(tempfile.mkdtemp(prefix="dsub-rmq-"))
+    amqp, http, dist = _free_port(), _free_port(), _free_port()
+    (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    (base / "rabbitmq.conf").write_text(
+        f"listeners.tcp.default = 127.0.0.1:{amqp}\nmanagement.tcp.ip = 127.0.0.1\n"
+        f"management.tcp.port = {http}\nloopback_users = none\n"
+    )
+    if os.getuid() == 0:  # Debian's wrapper drops to the rabbitmq user
+        user = pwd.getpwnam("rabbitmq")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        for path in base.iterdir():
+            os.chown(path, user.pw_uid, user.pw_gid)
+    node = f"dsubtest{os.getpid()}@localhost"
+    env = dict(
+        os.environ,
+        RABBITMQ_NODENAME=node,
+        RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+        RABBITMQ_DIST_PORT=str(dist),
+        RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
+        RABBITMQ_LOG_BASE=str(base / "log"),
+        RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
+        RABBITMQ_CONFIG_FILE=str(base / "rabbitmq"),
+        RABBITMQ_PID_FILE=str(base / "pid"),
+    )
+    server = subprocess.Popen(
+        ["rabbitmq-server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"private rabbitmq-server exited; see {base / 'log'}"
+            assert time.monotonic() < deadline, "private rabbitmq-server did not start within 60 s"
+            try:
+                if requests.get(f"{url}/api/overview", auth=("guest", "guest"), timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.3)
+        yield url, f"amqp://127.0.0.1:{amqp}/{{vhost}}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-n", node, "shutdown"], env=env, capture_output=True, timeout=60)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _users(url: str) -> set[str]:
+    return {u["name"] for u in requests.get(f"{url}/api/users", auth=("guest", "guest"), timeout=5).json()}
+
+
+def test_issued_user_has_least_privilege_and_dies_on_revoke(management: tuple[str, str]) -> None:
+    url, amqp = management
+    issuer = RabbitMQUserIssuer(
+        url,
+        admin=("guest", "guest"),
+        amqp_url=amqp,
+        read="^tasks$",
+        write="^tasks$",
+        configure="^tasks$",
+        env_name="BROKER",
+    )
+    broker_url = issuer.issue()["BROKER"]
+    assert issuer.user in _users(url)
+    with kombu.Connection(broker_url) as conn:
+        kombu.Queue("tasks", channel=conn.channel()).declare()
+        with pytest.raises(AccessRefused, match="ACCESS_REFUSED"):
+            kombu.Queue("other", channel=conn.channel()).declare()
+    issuer.revoke()
+    assert not any(name.startswith("dirac-submit-") for name in _users(url))
+    with pytest.raises(AccessRefused):
+        kombu.Connection(broker_url).connect()
+    issuer.revoke()  # idempotent
+
+
+def test_pool_puts_only_the_issued_credential_in_the_jdl_and_revokes_it_on_close(
+    management: tuple[str, str], pki: PKI, contract_server: TornadoContractServer
+) -> None:
+    url, amqp = management
+    issuer = RabbitMQUserIssuer(url, admin=("guest", "guest"), amqp_url=amqp, env_name="BROKER")
+    transport = TornadoTransport(contract_server.url, proxy=str(pki.proxy), ca_dir=str(pki.ca_dir))
+    template = JobTemplate(["python3", "-c", "print(__import__('os').environ.get('BROKER'))"])
+    pool = JobPool(transport, template, secrets=issuer)
+    [job_id] = pool.submit(1)
+    job = contract_server.jobs[job_id]
+    [entry] = job.attrs["ExecutionEnvironment"]
+    issued = unquote(entry.split("=", 1)[1])
+    assert issued.startswith(f"amqp://{issuer.user}:")
+    assert "guest" not in entry
+    deadline = time.monotonic() + 10
+    while job.status != "Done":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job.stdout().strip() == issued
+    pool.close()
+    assert not any(name.startswith("dirac-submit-") for name in _users(url))
