@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 
 from .errors import AuthError, CAError, HTTPStatusError, NetworkError
 
@@ -79,6 +80,11 @@ class HTTPPolicy:
                 last = f"no answer within {self.timeout:g} s"
                 continue
             except requests.exceptions.ConnectionError as err:
+                if not idempotent and not _never_sent(err):
+                    raise NetworkError(
+                        f"{call}: the connection to {url} broke after the request was sent ({err}); not retried "
+                        "because it may have been executed (check with a status query before resubmitting)"
+                    ) from err
                 last = f"connection failed: {err}"
                 continue
             if response.status_code in _TRANSIENT_STATUS:
@@ -91,6 +97,12 @@ class HTTPPolicy:
             f"{call}: {url} did not answer after {self.retries + 1} attempts (last: {last}); "
             "check the URL, your network, or raise HTTPPolicy(timeout=..., retries=...)"
         )
+
+
+def _never_sent(err: requests.exceptions.ConnectionError) -> bool:
+    """True when the connection could not even be opened, so the server cannot have acted."""
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def _tls_error(url: str, verify: object, err: Exception) -> Exception:
