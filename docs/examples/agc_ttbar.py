@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import awkward as ak
@@ -48,6 +47,7 @@ B_TAG_THRESHOLD = 0.5
 #: Jet-pT variations that change the event selection (kinematic systematics).
 JET_PT_VARIATIONS = {"pt_scale_up": 1.03, "pt_scale_down": 0.97, "pt_res_up": None}
 REGIONS = ("4j1b", "4j2b")
+
 
 
 def _jet_pt_resolution(counts: np.ndarray, seed: list[int]) -> ak.Array:
@@ -95,8 +95,17 @@ class TtbarAnalysis(processor.ProcessorABC):
     >>> out["hist_dict"]["4j2b"]  # doctest: +SKIP
     """
 
-    def __init__(self, lumi: float = LUMI_PB):
+    def __init__(self, lumi: float = LUMI_PB, *, quiet_schema: bool = True):
         self.lumi = lumi
+        self.quiet_schema = quiet_schema
+
+    def __setstate__(self, state):
+        # coffea unpickles the processor in the worker before it builds the chunk's NanoEvents: this is the
+        # AGC notebook's ``NanoAODSchema.warn_missing_crossrefs = False`` (no warnings about cross-references
+        # to collections the files do not carry: Photon, Tau, FatJet...), applied in every worker process.
+        self.__dict__.update(state)
+        if self.quiet_schema:
+            NanoAODSchema.warn_missing_crossrefs = False
 
     def process(self, events):
         metadata = events.metadata
@@ -209,21 +218,9 @@ EXECUTORS = {
 }
 
 
-@contextmanager
-def _quiet_missing_crossrefs():
-    """Like the AGC notebook, silence NanoAODSchema's warnings about cross-references to collections the
-    files do not carry (Photon, Tau, FatJet...); restored afterwards."""
-    previous = NanoAODSchema.warn_missing_crossrefs
-    NanoAODSchema.warn_missing_crossrefs = False
-    try:
-        yield
-    finally:
-        NanoAODSchema.warn_missing_crossrefs = previous
-
-
 def _ship_processor_by_value():
     """coffea cloudpickles the processor; a class from this file (not an installed module) must travel by
-    value so that remote workers (MQExecutor) can unpickle it."""
+    value so that worker processes (loky, Dask, MQExecutor) can load it."""
     module = sys.modules.get(__name__)
     if module is not None and __name__ != "__main__":
         import cloudpickle
@@ -246,9 +243,12 @@ def run_analysis(fileset: dict, executor, *, chunksize: int = 100_000, maxchunks
         chunksize=chunksize,
         maxchunks=maxchunks,
     )
+    previous = NanoAODSchema.warn_missing_crossrefs  # in-process executors change it: restore it
     start = time.perf_counter()
-    with _quiet_missing_crossrefs():
+    try:
         output, metrics = runner(fileset, processor_instance=TtbarAnalysis())
+    finally:
+        NanoAODSchema.warn_missing_crossrefs = previous
     return output, metrics, time.perf_counter() - start
 
 
