@@ -68,8 +68,9 @@ class ProcessModel:
     ``lepton_probs`` are the probabilities of 0, 1, 2 prompt electrons/muons from W decays; the hard jets
     follow from the process (two top b-jets and the hadronic W daughters for ttbar, ...); ``isr_mean`` is
     the mean number of extra (initial-state radiation) jets above 15 GeV, drawn from a geometric distribution
-    (the "staircase scaling" of jet multiplicities) with a power-law pT spectrum, ``b_isr_frac`` the fraction of them that are
-    b-jets (gluon splitting); ``xsec`` is the cross-section in pb used by :func:`make_fileset`.
+    (the "staircase scaling" of jet multiplicities) with a power-law pT spectrum; ``b_isr_frac`` is the
+    fraction of them that are b-jets (gluon splitting); ``xsec`` is the cross-section in pb used by
+    :func:`make_fileset`.
     """
 
     xsec: float
