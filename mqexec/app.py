@@ -5,6 +5,7 @@ Topology on RabbitMQ (created idempotently by whoever connects first — client 
     exchange "mqexec" (direct) ──▶ quorum queue  mqexec.py3.11         (tasks of Python 3.11 clients)
                                ──▶ quorum queue  mqexec.py3.11.GPU     (tasks that asked for resources={"GPU": 1})
       each task queue: durable, x-delivery-limit N, dead-letters to exchange "mqexec.dlx"
+      (names start with the queue prefix, "mqexec" by default: MQEXEC_QUEUE_PREFIX keeps projects apart)
     exchange "mqexec.dlx" (headers) ──▶ the sending client's result queue  (match on header mqexec-reply)
                                     ──▶ classic queue mqexec.dead             (every dead letter, for people)
     classic queue mqexec.results.<session>   one per client session, durable, x-expires
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from kombu import Queue
 
 TASK_NAME = "mqexec.run"
-DLX = "mqexec.dlx"
 REPLY_HEADER = "mqexec-reply"
 
 
@@ -90,7 +90,7 @@ def task_queue(cfg: Config, resource: str | None = None) -> Queue:
     name = queue_name(cfg, resource)
     args: dict[str, Any] = {}
     if transport_of(cfg.broker_url or "filesystem://").quorum:
-        args = {"x-queue-type": "quorum", "x-delivery-limit": cfg.delivery_limit, "x-dead-letter-exchange": DLX}
+        args = {"x-queue-type": "quorum", "x-delivery-limit": cfg.delivery_limit, "x-dead-letter-exchange": f"{cfg.queue_prefix}.dlx"}
     return Queue(name, Exchange(cfg.queue_prefix, type="direct", durable=True), routing_key=name,
                  durable=True, queue_arguments=args)
 
@@ -99,7 +99,7 @@ def dead_letter_queues(cfg: Config, reply_to: str | None = None) -> list[Queue]:
     """The shared ``mqexec.dead`` queue, and (given a result queue name) that client's own binding."""
     from kombu import Exchange, Queue
 
-    dlx = Exchange(DLX, type="headers", durable=True)
+    dlx = Exchange(f"{cfg.queue_prefix}.dlx", type="headers", durable=True)
     dead = Queue(f"{cfg.queue_prefix}.dead", dlx, durable=True, binding_arguments={"x-match": "all"},
                  queue_arguments={"x-max-length": 10_000})
     if reply_to is None:

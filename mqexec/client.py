@@ -35,6 +35,7 @@ from .execute import BlobArg, LakeArg
 from .futures import Future, FutureState, _Lazy
 
 log = logging.getLogger("mqexec.client")
+_SCATTER_INLINE = 64 * 1024  #: scattered data larger than this is shipped once per worker as a blob
 
 
 @dataclass
@@ -187,7 +188,9 @@ class Client:
     def scatter(self, data: Any, hash: bool = True, broadcast: bool = False) -> Any:
         """Ship data to the workers once (content-addressed); returns futures to pass to tasks.
 
-        A list or dict scatters each element; anything else becomes one future.
+        A list or dict scatters each element (as ``distributed`` does); anything else becomes one future.
+        Data over 64 KiB is sent to the broker once and cached by each worker; smaller data travels inside
+        the calls that use it.
 
         >>> big = client.scatter(np.arange(10**7))          # doctest: +SKIP
         >>> client.submit(np.sum, big).result()             # doctest: +SKIP
@@ -197,11 +200,12 @@ class Client:
         if isinstance(data, dict):
             return {k: self.scatter(v, hash) for k, v in data.items()}
         payload = self._dumps(data, "the scattered data")
-        digest = self._put_blob(payload)
+        digest = sha256(payload)
         key = f"{type(data).__name__}-{digest[:32] if hash else uuid.uuid4().hex}"
         with self._lock:
             state = self._states.setdefault(key, FutureState())
-            self._scattered[key] = digest
+            if len(payload) > _SCATTER_INLINE:  # small data rides inside the calls that use it
+                self._scattered[key] = self._put_blob(payload)
         state.finish(data)
         return Future(key, state, self)
 
@@ -245,10 +249,37 @@ class Client:
         self._close_local()
         log.info("client %s closed", self.session)
 
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Compute a dask graph on the workers: a dask scheduler, ``dask.compute(x, scheduler=client.get)``.
+
+        Chains of tasks that need no other chain run as one mqexec task (graph fusion); see
+        :mod:`mqexec.adapters.dask`.
+        """
+        from .adapters.dask import get
+
+        return get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections: Any, sync: bool = False, **kwargs: Any) -> Any:
+        """Submit dask collections; returns a Future per collection (their values if ``sync=True``)."""
+        from .adapters.dask import compute
+
+        return compute(self, collections, sync=sync, **kwargs)
+
     def __enter__(self) -> Client:
+        """Inside ``with Client(...)``, dask computes on this client (as with ``distributed.Client``)."""
+        import importlib.util
+
+        if importlib.util.find_spec("dask") is not None:
+            from .adapters.dask import default_scheduler
+
+            self._dask_default = default_scheduler(self)
+            self._dask_default.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if getattr(self, "_dask_default", None) is not None:
+            self._dask_default.__exit__(None, None, None)
+            self._dask_default = None
         self.close()
 
     def __repr__(self) -> str:
