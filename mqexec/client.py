@@ -491,14 +491,17 @@ class Client:
         if not idle:
             return
         replies = self._app.control.inspect(timeout=1.0).active_queues() or {}
-        served = sorted({q["name"] for qs in replies.values() for q in qs})
+        ours = f"{self.config.queue_prefix}."
+        served_by = {w: sorted(q["name"] for q in qs if q["name"].startswith(ours)) for w, qs in replies.items()}
+        served_by = {w: qs for w, qs in served_by.items() if qs}
+        served = sorted({q for qs in served_by.values() for q in qs})
         names = ", ".join(queue_name(self.config, r) for r in idle)
         if not served:
             log.warning("no worker is connected yet; tasks wait in %s (start one: mqexec worker --broker %s)",
                         names, redact(self.config.broker_url or ""))
             return
         exc = NoWorkerError(f"no worker serves {names} (this client: Python {self._env['python']}, "
-                            f"env {self.config.env}); the {len(replies)} connected worker(s) serve: "
+                            f"env {self.config.env}); the {len(served_by)} connected worker(s) serve: "
                             f"{', '.join(served)}")
         log.error("%s", exc)
         self._fail_inflight(lambda resource: resource in idle, exc)

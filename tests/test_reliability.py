@@ -1,0 +1,165 @@
+"""Nothing lost, nothing counted twice, nothing forged executed — with real workers killed for real."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import mqexec
+from mqexec.app import make_app, queue_name, task_queue
+from mqexec.config import Config
+from mqexec.envelope import Call, FunctionRef, TaskEnvelope, environment
+
+
+def record_and_sleep(log: str, i: int, delay: float) -> int:
+    with open(log, "a") as fh:
+        fh.write(f"{i} {os.getpid()}\n")
+    time.sleep(delay)
+    return i * 10
+
+
+def die() -> None:
+    os._exit(3)
+
+
+def test_worker_killed_mid_task_runs_again_and_counts_once(start_worker, client, tmp_path):
+    log = tmp_path / "runs"
+    first = start_worker("--concurrency", "1")
+    fut = client.submit(record_and_sleep, str(log), 1, 4.0)
+    callbacks = []
+    fut.add_done_callback(lambda f: callbacks.append(f.result()))
+    deadline = time.monotonic() + 30
+    while not log.exists():
+        assert time.monotonic() < deadline, "task never started"
+        time.sleep(0.05)
+    first.kill9()
+    start_worker("--concurrency", "1")
+    assert fut.result(timeout=60) == 10
+    time.sleep(0.5)
+    assert callbacks == [10]
+    assert len(log.read_text().splitlines()) == 2  # it really ran twice; the client counted it once
+
+
+def test_poison_task_is_dead_lettered_and_the_rest_completes(start_worker, client):
+    start_worker("--concurrency", "1")
+    poison = client.submit(die)
+    healthy = client.map(lambda x: x + 1, range(50))
+    with pytest.raises(mqexec.TaskDeadLettered, match=r"die\(\).*delivered .* times and its worker died"):
+        poison.result(timeout=120)
+    assert client.gather(healthy) == list(range(1, 51))
+
+
+@pytest.mark.timeout(240)
+def test_2000_tasks_on_3_workers_one_killed_twice(start_worker, client, tmp_path):
+    log = tmp_path / "runs"
+    workers = [start_worker("--concurrency", "1") for _ in range(3)]
+    futures = client.map(record_and_sleep, [str(log)] * 2000, range(2000), [0.004] * 2000, batch_size=5)
+    done = threading.Event()
+    finished = [0]
+
+    def count(_):
+        finished[0] += 1
+        if finished[0] == len(futures):
+            done.set()
+
+    for f in futures:
+        f.add_done_callback(count)
+    for target in (600, 1200):
+        while finished[0] < target:
+            time.sleep(0.02)
+        workers[0].kill9()
+        workers[0] = start_worker("--concurrency", "1")
+    assert done.wait(180)
+    assert client.gather(futures) == [i * 10 for i in range(2000)]
+    assert finished[0] == 2000  # each future settled once, although some tasks ran twice
+    runs = [int(line.split()[0]) for line in log.read_text().splitlines()]
+    assert set(runs) == set(range(2000)) and len(runs) >= 2000
+
+
+def _write_marker(path: str) -> None:
+    Path(path).write_text("executed")
+
+
+def _publish_raw(settings: dict, broker_url: str, envelope_wire: object) -> None:
+    cfg = Config.load(broker_url=broker_url, **settings)
+    app = make_app(cfg)
+    with app.connection_for_write() as conn:
+        app.send_task("mqexec.run", args=[envelope_wire], queue=task_queue(cfg), connection=conn)
+
+
+def _envelope(marker: Path, reply_to: str, python: str | None = None) -> TaskEnvelope:
+    fn = cloudpickle.dumps(_write_marker)
+    env = {**environment(), **({"python": python} if python else {})}
+    call = Call("forged-1", "forged", cloudpickle.dumps(((str(marker),), {})))
+    return TaskEnvelope("forged-1", env, FunctionRef.of(fn, 1 << 20), (call,), reply_to)
+
+
+def test_forged_and_tampered_tasks_are_never_executed(start_worker, settings, broker_url, tmp_path):
+    worker = start_worker("--concurrency", "1")
+    marker = tmp_path / "marker"
+    env = _envelope(marker, "nobody")
+    forged = env.encode(b"not-the-key")
+    tampered = env.encode(str(settings["secret"]).encode())
+    tampered["calls"][0][2] = tampered["calls"][0][2][:-4] + "AAA="  # change the payload, keep the signature
+    for wire in (forged, tampered, {"just": "garbage"}, "not even a dict"):
+        _publish_raw(settings, broker_url, wire)
+    from kombu import Connection
+
+    dead = f"{settings['queue_prefix']}.dead"
+    got = []
+    deadline = time.monotonic() + 30
+    with Connection(broker_url.replace("amqp", "pyamqp", 1)) as conn:
+        channel = conn.channel()
+        while len(got) < 4 and time.monotonic() < deadline:
+            message = channel.basic_get(dead, no_ack=True)
+            if message is None:
+                time.sleep(0.1)
+            else:
+                got.append(message)
+    assert len(got) == 4, "every rejected message ends in the dead-letter queue"
+    assert not marker.exists()
+    assert worker.text().count("rejected a task message, never unpickled") == 4
+
+
+def test_signed_task_from_another_python_is_refused_before_unpickling(start_worker, client, settings, tmp_path):
+    start_worker("--concurrency", "1")
+    marker = tmp_path / "marker"
+    envelope = _envelope(marker, client.reply_to, python="2.7")
+    state = mqexec.futures.FutureState()
+    client._states["forged-1"] = state
+    client._inflight["forged-1"] = "forged-1"
+    _publish_raw(settings, client.config.broker_url, envelope.encode(client.config.secret))
+    assert state.wait(30)
+    assert isinstance(state.exception, mqexec.EnvironmentMismatch)
+    assert "pickled by Python 2.7" in str(state.exception)
+    assert not marker.exists()
+
+
+def test_no_worker_for_this_environment_says_which_are_connected(start_worker, client):
+    start_worker("--concurrency", "1", "--env", "py3.99")
+    fut = client.submit(lambda: 1)
+    started = time.monotonic()
+    with pytest.raises(mqexec.NoWorkerError, match=rf"no worker serves {client.config.queue_prefix}\.py3\.\d+.*"
+                       rf"serve: {client.config.queue_prefix}\.py3\.99"):
+        fut.result(timeout=30)
+    assert time.monotonic() - started < 15
+
+
+def who(_: object = None) -> str:
+    return os.environ.get("WHO", "?")
+
+
+def test_resources_route_to_workers_that_offer_them(start_worker, client):
+    start_worker("--concurrency", "1", "--resources", "GPU=1", env={"WHO": "gpu"})
+    start_worker("--concurrency", "1", env={"WHO": "cpu"})
+    on_gpu = [client.submit(who, pure=False, resources={"GPU": 1}) for _ in range(6)]
+    assert set(client.gather(on_gpu)) == {"gpu"}
+    anywhere = client.gather(client.map(who, range(40), pure=False, batch_size=1))
+    assert "cpu" in anywhere
+    cfg = client.config
+    assert queue_name(cfg, "GPU") == f"{cfg.queue_prefix}.{cfg.env}.GPU"
