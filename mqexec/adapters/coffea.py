@@ -1,0 +1,297 @@
+"""coffea's ``processor.Runner`` on mqexec workers: :class:`MQExecutor`, one small ``ExecutorBase`` dataclass.
+
+    Runner ──(items, function, accumulator)──▶ MQExecutor.__call__
+        ──client.map(_Task(function), items, labels=[dataset/file [entries]])──▶ broker ──▶ workers
+              (the function, with the lz4-pickled processor inside, is shipped once per worker by hash;
+               a task message carries one WorkItem / FileMeta and its readable label)
+        ◀──as_completed── lz4-pickled outputs ──▶ accumulate on the client as they arrive (memory flat)
+        ──▶ (accumulator, 0 | exception)
+
+Runner drives the executor twice: preprocessing (``function_name="get_metadata"``, a set of ``FileMeta``) and
+chunk processing (``unit="chunk"``, a list of ``WorkItem``). Runner wraps the function in its
+``automatic_retries`` (``retries``, ``skipbadfiles``, ``use_result_type``); that wrapper runs inside the task,
+on the worker, so retries cost no round trip and no mqexec-level retries are added on top. A worker that
+dies mid-chunk is not a retry: the broker delivers the task again, and the client keeps the first result
+of every chunk, so none is lost or counted twice.
+
+coffea is imported by this module, which ``mqexec`` loads only when ``mqexec.MQExecutor`` is first looked up;
+``mqexec worker`` imports it only when it unpickles a task of this module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import pickle
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lz4.frame
+from coffea.processor.accumulator import accumulate
+from coffea.processor.executor import ExecutorBase
+from coffea.util import rich_bar
+
+from ..client import Client
+from ..futures import as_completed
+
+__all__ = ["MQExecutor"]
+
+_SKIP_MESSAGE = "Skipping bad file"  #: what coffea's ``Runner.automatic_retries`` warns when it skips
+
+
+# ------------------------------------------------------------------------------ runs on the workers
+def _pack(out: Any, level: int | None) -> Any:
+    if level is None:
+        return out
+    return lz4.frame.compress(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL), compression_level=level)
+
+
+def _unpack(out: Any, level: int | None) -> Any:
+    return out if level is None else pickle.loads(lz4.frame.decompress(out))
+
+
+class _Skipped:
+    """A task's answer for an item that ``skipbadfiles`` skipped, with coffea's reason."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Skipped, (self.reason,))
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The exception coffea wrapped in a bare ``Exception("Failed processing file: ...") from original``.
+
+    Only the original survives pickling with its type (``__cause__`` is not pickled), and Runner's
+    ``skipbadfiles``/``use_result_type`` checks look for that type (e.g. ``OSError``) in the chain."""
+    while type(exc) is Exception and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__
+    return exc
+
+
+class _Task:
+    """Runner's function for one item, as an mqexec task: compresses the output, reports skipped items."""
+
+    __slots__ = ("compression", "function")
+
+    def __init__(self, function: Callable[[Any], Any], compression: int | None) -> None:
+        self.function = function
+        self.compression = compression
+
+    def __call__(self, item: Any) -> Any:
+        error: BaseException | None = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out = self.function(item)
+            except Exception as exc:
+                error = exc
+        for w in caught:  # pass the processor's warnings on to the worker's log
+            if _SKIP_MESSAGE not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if error is not None:
+            raise _original(error)  # outside the except block: no misleading __context__
+        if out is None:
+            skipped = [str(w.message) for w in caught if _SKIP_MESSAGE in str(w.message)]
+            return _Skipped(skipped[-1] if skipped else "the function returned None")
+        return _pack(out, self.compression)
+
+
+def _merge(outputs: list[Any], compression: int | None) -> Any:
+    """Merge a batch of (compressed) outputs on a worker; the client merges the merged ones."""
+    return _pack(accumulate(_unpack(o, compression) for o in outputs), compression)
+
+
+# ------------------------------------------------------------------------------ runs on the client
+def _label(item: Any, function_name: str | None) -> str:
+    """``ttbar__nominal/file_003.root [100000-200000]`` for a chunk; ``... (metadata)`` for a file."""
+    name = f"{item.dataset}/{os.path.basename(str(item.filename))}"
+    if hasattr(item, "entrystart"):
+        return f"{name} [{item.entrystart}-{item.entrystop}]"
+    return f"{name} ({function_name or 'metadata'})"
+
+
+class _Session:
+    """The client shared by an executor and its ``copy()``s; an embedded default is started on first use."""
+
+    def __init__(self, client: Client | None, broker: str | None) -> None:
+        self._client = client
+        self._broker = broker
+        self._owned: Client | None = None
+        self._lock = threading.Lock()
+
+    def client(self) -> Client:
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            if self._owned is None or self._owned.status == "closed":
+                self._owned = Client(self._broker)
+                atexit.register(self.close)
+            return self._owned
+
+    def close(self) -> None:
+        with self._lock:
+            owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.close()
+
+
+def _forget(client: Client, key: str) -> None:
+    """Drop the client's record of a consumed result, so memory stays flat over thousands of chunks.
+
+    Works around ``Future.release()`` being a no-op in the core: ``Client._states`` otherwise keeps every
+    result until the client closes. A late duplicate of a forgotten key finds no state and is dropped.
+    """
+    with client._lock:
+        state = client._states.get(key)
+        if state is not None and state.status != "pending":
+            del client._states[key]
+
+
+@dataclass
+class MQExecutor(ExecutorBase):
+    """coffea executor that runs chunks on ``mqexec worker`` processes through a message broker.
+
+    >>> from coffea import processor
+    >>> from coffea.nanoevents import NanoAODSchema
+    >>> from mqexec import MQExecutor
+    >>> runner = processor.Runner(executor=MQExecutor(), schema=NanoAODSchema, chunksize=100_000,
+    ...                           savemetrics=True)                       # embedded default: local workers
+    >>> out, metrics = runner(fileset, processor_instance=TtbarAnalysis(), treename="Events")  # doctest: +SKIP
+    >>> MQExecutor(broker="amqps://user:pw@broker.example:5671/vhost")    # workers attached to that broker
+    ... # doctest: +SKIP
+    >>> MQExecutor(client=mqexec.Client(url, secret=...))                 # or a client of your own
+    ... # doctest: +SKIP
+
+    ``status``, ``unit``, ``desc``, ``compression`` (lz4 level of the outputs in flight, None: off) and
+    ``function_name`` are coffea's (:class:`coffea.processor.ExecutorBase`). Runner's ``savemetrics``,
+    ``skipbadfiles``, ``maxchunks`` and ``use_result_type`` work as with coffea's own executors.
+
+    Args:
+        client: an :class:`mqexec.Client` to use (left open); by default one is made on first use.
+        broker: broker URL for that default client; None (and no ``MQEXEC_BROKER_URL``) → the embedded
+            default, local worker processes on a local broker (stopped by :meth:`close` or at exit).
+        retries: attempts after the first for an item that raises, made by Runner's ``automatic_retries``
+            inside the task on the worker (a worker that dies is handled by redelivery, not by retries).
+        recoverable: on an error return ``(partial accumulator, exception)`` instead of raising; the chunks
+            not yet run are cancelled.
+        merging: 0 merges every output on the client as it arrives; ``n >= 2`` first sends batches of ``n``
+            finished outputs to a worker to be merged there (see docs/benchmarks.md for which is faster).
+
+    Returns (from a call): ``(accumulator, 0)``, or ``(partial accumulator, exception)`` if ``recoverable``;
+    also for empty input.
+    """
+
+    client: Client | None = None
+    broker: str | None = None
+    retries: int = 3
+    recoverable: bool = False
+    merging: int = 0
+
+    def __post_init__(self) -> None:
+        if self.client is not None and self.broker is not None:
+            raise ValueError("give MQExecutor a client or a broker URL, not both")
+        if self.merging == 1 or self.merging < 0:
+            raise ValueError(f"merging must be 0 (on the client) or a batch size >= 2, got {self.merging}")
+        self._session = _Session(self.client, self.broker)
+
+    def copy(self, **kwargs: Any) -> MQExecutor:
+        """A copy with some fields changed (Runner uses it per stage); it shares this executor's client."""
+        new = dataclasses.replace(self, **kwargs)
+        new._session = self._session
+        return new
+
+    def close(self) -> None:
+        """Stop the client this executor made (a client passed in stays open)."""
+        self._session.close()
+
+    def __enter__(self) -> MQExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("client", "_session")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, client=None)
+        self._session = _Session(None, self.broker)
+
+    def __call__(self, items: Iterable[Any], function: Callable[[Any], Any],
+                 accumulator: Any) -> tuple[Any, int | BaseException]:
+        items = list(items)
+        if not items:
+            return accumulator, 0
+        client = self._session.client()
+        chunks = hasattr(items[0], "entrystart")
+        labels = [_label(item, self.function_name) for item in items]
+        futures = client.map(_Task(function, self.compression), items, labels=labels, pure=False,
+                             batch_size=1 if chunks else None)
+        return self._gather(client, futures, labels, accumulator)
+
+    def _gather(self, client: Client, futures: list[Any], labels: list[str],
+                accumulator: Any) -> tuple[Any, int | BaseException]:
+        labelled = {f.key: label for f, label in zip(futures, labels, strict=True)}
+        outstanding = len(futures)  # item tasks not yet consumed
+        waiting = as_completed(futures)
+        batch: list[Any] = []
+        merges: list[Any] = []
+        acc = accumulator
+        try:
+            with rich_bar() as progress:
+                bar = progress.add_task(self.desc, total=len(futures), unit=self.unit, disable=not self.status)
+                for future in waiting:
+                    label = labelled.pop(future.key)
+                    try:
+                        value = future.result()
+                    except BaseException as exc:
+                        exc.add_note(f"mqexec: while running {label}")
+                        raise
+                    finally:
+                        _forget(client, future.key)
+                    if not label.startswith("merge of "):
+                        outstanding -= 1
+                        progress.update(bar, advance=1, refresh=True)
+                    if isinstance(value, _Skipped):
+                        warnings.warn(f"MQExecutor skipped {label}: {value.reason}", stacklevel=2)
+                        continue
+                    if not self.merging:
+                        acc = accumulate([_unpack(value, self.compression)], acc)
+                        continue
+                    batch.append(value)
+                    if len(batch) >= self.merging and outstanding:
+                        merge = client.submit(_merge, batch, self.compression, pure=False,
+                                              label=f"merge of {len(batch)} outputs")
+                        labelled[merge.key] = f"merge of {len(batch)} outputs"
+                        waiting.add(merge)
+                        merges.append(merge)
+                        batch = []
+                for value in batch:
+                    acc = accumulate([_unpack(value, self.compression)], acc)
+        except Exception as exc:
+            client.cancel([f for f in futures if not f.done()])
+            if not self.recoverable:
+                raise
+            # keep what was done: outputs not merged yet, finished but unread chunks, merges in flight
+            unread = [f for f in futures if f.key in labelled and f.status == "finished"]
+            unread += [f for f in merges if f.key in labelled]
+            for f in unread:
+                try:
+                    batch.append(f.result())
+                except Exception:  # the first error is the one reported
+                    continue
+                finally:
+                    _forget(client, f.key)
+            for value in batch:
+                if not isinstance(value, _Skipped):
+                    acc = accumulate([_unpack(value, self.compression)], acc)
+            return acc, exc
+        return acc, 0
