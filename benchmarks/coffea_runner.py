@@ -6,8 +6,9 @@ chunksize; for each executor one timed ``Runner`` call (wall time from submittin
 output, excluding executor set-up such as starting a Dask cluster, which is reported separately). Every
 executor's output is checked against FuturesExecutor's (same nevents, same histograms).
 
-    python benchmarks/coffea_runner.py                         # iterative, futures, dask
-    python benchmarks/coffea_runner.py --mqexec                # + MQExecutor()
+    python benchmarks/coffea_runner.py                         # iterative, futures, dask, mqexec
+    python benchmarks/coffea_runner.py --mqexec                # + MQExecutor, 2 mqexec workers on RabbitMQ
+    python benchmarks/coffea_runner.py --executors futures mqexec mqexec-merge mqexec-embedded
     python benchmarks/coffea_runner.py --files 8 --events 125000 --chunksize 100000 --executors futures dask
 
 Adding an executor is one entry in :data:`EXECUTORS`: a name and a context manager that yields a coffea
@@ -66,17 +67,82 @@ def dask():
         yield processor.DaskExecutor(client=client, status=False)
 
 
+BROKER = os.environ.get("MQEXEC_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
+
+
 @contextlib.contextmanager
-def mqexec():
+def _mqexec_workers(**executor_kw):
+    """``WORKERS`` ``mqexec worker --concurrency 1`` processes on the broker (own queue prefix and key),
+    and an MQExecutor on a client of that broker; workers stopped and queues deleted afterwards."""
+    import secrets
+    import signal
+    import subprocess
+
+    import mqexec
     from mqexec import MQExecutor
 
-    executor = MQExecutor()
+    prefix, secret = f"bench{secrets.token_hex(4)}", secrets.token_hex(16)
+    logdir = Path(tempfile.mkdtemp(prefix="mqexec-bench-"))
+    env = {**os.environ, "MQEXEC_QUEUE_PREFIX": prefix, "MQEXEC_SECRET": secret,
+           "MQEXEC_CACHE_DIR": str(logdir / "cache"), "PYTHONPATH": str(REPO)}
+    procs = []
     try:
-        yield executor
+        for i in range(WORKERS):
+            log = logdir / f"worker{i}.log"
+            procs.append((subprocess.Popen(
+                [sys.executable, "-m", "mqexec", "worker", "--broker", BROKER, "--concurrency", "1",
+                 "--hostname", f"w{i}-{prefix}@bench", "--loglevel", "WARNING"],
+                env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True), log))
+        with mqexec.Client(BROKER, queue_prefix=prefix, secret=secret) as client:
+            deadline = time.monotonic() + 60
+            while sum(prefix in name for name in client._app.control.inspect(timeout=0.5).ping() or {}) < WORKERS:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mqexec workers not ready after 60 s (logs in {logdir})")
+            yield MQExecutor(client=client, status=False, **executor_kw)
     finally:
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()
+        for proc, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        _delete_queues(prefix)
+
+
+def _delete_queues(prefix: str) -> None:
+    from kombu import Connection
+
+    from mqexec.config import default_env
+
+    with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
+        channel = conn.channel()
+        for queue in (f"{prefix}.{default_env()}", f"{prefix}.dead"):
+            channel.queue_delete(queue)
+        for exchange in (prefix, f"{prefix}.dlx"):
+            channel.exchange_delete(exchange)
+
+
+@contextlib.contextmanager
+def mqexec():
+    with _mqexec_workers() as executor:
+        yield executor
+
+
+@contextlib.contextmanager
+def mqexec_merge():
+    with _mqexec_workers(merging=4) as executor:
+        yield executor
+
+
+@contextlib.contextmanager
+def mqexec_embedded():
+    from mqexec import MQExecutor
+
+    with MQExecutor(status=False) as executor:
+        yield executor
 
 
 #: name -> (label, context manager yielding the executor). Add an executor here.
@@ -84,7 +150,9 @@ EXECUTORS = {
     "iterative": ("IterativeExecutor", iterative),
     "futures": (f"FuturesExecutor(workers={WORKERS})", futures),
     "dask": (f"DaskExecutor, LocalCluster({WORKERS}x1 thread)", dask),
-    "mqexec": ("MQExecutor()", mqexec),
+    "mqexec": (f"MQExecutor, RabbitMQ + {WORKERS} mqexec workers (-c 1)", mqexec),
+    "mqexec-merge": (f"MQExecutor(merging=4), RabbitMQ + {WORKERS} mqexec workers (-c 1)", mqexec_merge),
+    "mqexec-embedded": ("MQExecutor() embedded default (1 local worker, -c 2)", mqexec_embedded),
 }
 REFERENCE = "futures"
 
@@ -174,18 +242,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "mqexec-agc-bench"))
     parser.add_argument("--executors", nargs="+", choices=sorted(EXECUTORS),
-                        default=["iterative", "futures", "dask"])
+                        default=["iterative", "futures", "dask", "mqexec"])
     parser.add_argument("--repeat", type=int, default=1, help="runs per executor; the fastest is reported")
-    parser.add_argument("--mqexec", action="store_true", help="also run MQExecutor() (needs mqexec's adapter)")
+    parser.add_argument("--mqexec", action="store_true",
+                        help=f"also run MQExecutor with {WORKERS} mqexec workers on RabbitMQ ($MQEXEC_BENCH_BROKER, "
+                             "default loopback guest)")
     args = parser.parse_args(argv)
 
     names = list(dict.fromkeys(args.executors + (["mqexec"] if args.mqexec else [])))
-    if "mqexec" in names:
+    if any(n.startswith("mqexec") for n in names):
         try:
             from mqexec import MQExecutor  # noqa: F401
         except ImportError as exc:
             print(f"skipping MQExecutor: {exc}", file=sys.stderr)
-            names.remove("mqexec")
+            names = [n for n in names if not n.startswith("mqexec")]
 
     agc = _load_example()
     t0 = time.perf_counter()

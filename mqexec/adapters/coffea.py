@@ -143,6 +143,22 @@ class _Session:
             owned.close()
 
 
+class _NoBar:
+    """``status=False``: no progress display at all (rich's ``add_task`` has no ``disable``)."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 def _forget(client: Client, key: str) -> None:
     """Drop the client's record of a consumed result, so memory stays flat over thousands of chunks.
 
@@ -246,8 +262,8 @@ class MQExecutor(ExecutorBase):
         merges: list[Any] = []
         acc = accumulator
         try:
-            with rich_bar() as progress:
-                bar = progress.add_task(self.desc, total=len(futures), unit=self.unit, disable=not self.status)
+            with rich_bar() if self.status else _NoBar() as progress:
+                bar = progress.add_task(self.desc, total=len(futures), unit=self.unit)
                 for future in waiting:
                     label = labelled.pop(future.key)
                     try:
