@@ -291,3 +291,33 @@ def test_contract_cli_submit_jobs_kill(server: RecordingServer, pki: PKI, broker
     assert {j.status for j in server.jobs.values()} == {"Killed"}
     assert "Site = {\"LCG.UKI-SOUTHGRID-RALPP.uk\", \"LCG.UKI-LT2-Brunel.uk\"}" in server.jdls[0]
     _assert_no_secrets(server.jdls, broker_url, str(settings["secret"]))
+
+
+def test_contract_adapt_follows_queue_depth(server: RecordingServer, pki: PKI, broker_url: str,
+                                            settings: dict[str, object], tmp_path: Path) -> None:
+    """adapt(): ceil(waiting tasks / tasks_per_worker) jobs, capped at maximum."""
+    from kombu import Producer
+
+    from mqexec.app import task_queue
+    from mqexec.broker import connect
+
+    server.capacity = 0  # the jobs stay Waiting, so nothing drains the backlog while we look
+    cfg = Config.load(broker_url=broker_url, queue_prefix=settings["queue_prefix"])
+    with connect(cfg) as conn:
+        queue = task_queue(cfg)(conn.default_channel)
+        queue.declare()
+        producer = Producer(conn.default_channel, exchange=queue.exchange)
+        for i in range(10):
+            producer.publish({"backlog": i}, routing_key=queue.routing_key, serializer="json")
+    workers = _workers(server, pki, broker_url, settings, tmp_path)
+    try:
+        assert workers.queue_depth() == 10 and workers.demand(tasks_per_worker=4) == 3
+        workers.adapt(0, 2, tasks_per_worker=4, interval=0.2, cooldown=0)
+        deadline = time.monotonic() + 30
+        while len(server.jobs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few more adapt rounds: the cap holds
+        assert len(server.jobs) == 2
+    finally:
+        workers.close()
+    assert {j.status for j in server.jobs.values()} == {"Killed"}
