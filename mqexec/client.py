@@ -99,6 +99,7 @@ class Client:
         self._waiting: dict[str, _Pending] = {}  # call key → held call
         self._dependents: dict[str, set[str]] = {}  # dep key → keys of held calls
         self._resources: dict[str, str | None] = {}  # message id → resource queue suffix
+        self._sent: dict[str, TaskEnvelope] = {}  # message id → envelope, kept to republish (embedded only)
         self._scattered: dict[str, str] = {}  # key → blob digest
         self._refs: dict[str, dict[str, Any]] = {}  # key → data-lake ref of its result
         self._blobs: set[str] = set()
@@ -396,11 +397,17 @@ class Client:
                 self._resources[msg_id] = resource
                 for c in batch:
                     self._inflight[c.key] = msg_id
-                self._app.send_task(
-                    TASK_NAME, args=[envelope.encode(self.config.secret)], task_id=msg_id, queue=queue,
-                    headers={REPLY_HEADER: self.reply_to}, connection=self._conn,
-                    argsrepr=batch[0].label if len(batch) == 1 else f"{len(batch)} calls: {batch[0].label} ...",
-                    kwargsrepr="{}", shadow=batch[0].label.split("(", 1)[0])
+                if self._local is not None:
+                    self._sent[msg_id] = envelope
+                self._send(envelope, queue)
+
+    def _send(self, envelope: TaskEnvelope, queue: Any) -> None:
+        first = envelope.calls[0].label
+        self._app.send_task(
+            TASK_NAME, args=[envelope.encode(self.config.secret)], task_id=envelope.id, queue=queue,
+            headers={REPLY_HEADER: self.reply_to}, connection=self._conn,
+            argsrepr=first if len(envelope.calls) == 1 else f"{len(envelope.calls)} calls: {first} ...",
+            kwargsrepr="{}", shadow=first.split("(", 1)[0])
 
     def _put_blob(self, data: bytes) -> str:
         digest = sha256(data)
@@ -432,6 +439,7 @@ class Client:
             if msg is not None and all(k not in self._inflight for k in self._messages.get(msg, [])):
                 self._messages.pop(msg, None)
                 self._resources.pop(msg, None)
+                self._sent.pop(msg, None)
             if outcome.ok and outcome.ref:
                 self._refs[outcome.key] = outcome.ref
         if state is None or state.status != "pending":
@@ -472,9 +480,14 @@ class Client:
     def _check_workers(self) -> None:
         """Fail the waiting futures of queues nobody consumes while workers of other envs are connected."""
         if self._local is not None:
-            problem = self._local.supervise()
+            restarted, problem = self._local.supervise()
             if problem:
                 self._fail_inflight(lambda resource: True, NoWorkerError(problem))
+            elif restarted:
+                with self._lock:
+                    for msg_id, envelope in list(self._sent.items()):
+                        log.info("republishing %s, which the dead local worker may have held", msg_id)
+                        self._send(envelope, self._queue_for(self._resources.get(msg_id)))
             return
         if not self._transport.quorum:
             return

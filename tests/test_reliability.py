@@ -35,7 +35,7 @@ def test_worker_killed_mid_task_runs_again_and_counts_once(start_worker, client,
     fut.add_done_callback(lambda f: callbacks.append(f.result()))
     deadline = time.monotonic() + 30
     while not log.exists():
-        assert time.monotonic() < deadline, "task never started"
+        assert time.monotonic() < deadline and not fut.done(), fut
         time.sleep(0.05)
     first.kill9()
     start_worker("--concurrency", "1")

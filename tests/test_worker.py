@@ -43,7 +43,9 @@ def test_sigterm_finishes_the_running_task(start_worker, client, tmp_path):
     log = tmp_path / "runs"
     worker = start_worker("--concurrency", "1")
     fut = client.submit(record_and_sleep, str(log), 7, 3.0)
+    deadline = time.monotonic() + 30
     while not log.exists():
+        assert time.monotonic() < deadline and not fut.done(), fut
         time.sleep(0.05)
     os.kill(worker.proc.pid, signal.SIGTERM)
     assert fut.result(timeout=30) == 70

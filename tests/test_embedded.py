@@ -1,0 +1,60 @@
+"""The embedded default: ``mqexec.Client()`` with nothing configured, on this machine alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+import mqexec
+
+
+@pytest.fixture
+def no_broker_configured(monkeypatch, tmp_path):
+    monkeypatch.delenv("MQEXEC_BROKER_URL", raising=False)
+    monkeypatch.delenv("MQEXEC_SECRET", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    here = os.path.dirname(os.path.abspath(__file__))  # local workers import this suite's helpers
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+
+
+def test_client_with_nothing_configured_runs_tasks(no_broker_configured):
+    factor = 3
+    with mqexec.Client() as client:
+        assert client.config.broker_url.startswith("filesystem://")
+        assert client.submit(lambda x: x * factor, 14).result(timeout=60) == 42
+        futures = client.map(lambda x: x * x, range(500))
+        assert sum(client.gather(futures)) == sum(x * x for x in range(500))
+        with pytest.raises(ZeroDivisionError):
+            client.submit(lambda: 1 / 0).result(timeout=30)
+        workers = [p for p in psutil.Process().children() if "worker" in " ".join(p.cmdline())]
+        assert workers
+    time.sleep(0.5)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+def test_a_local_worker_killed_mid_task_is_restarted_and_nothing_is_lost(no_broker_configured, tmp_path):
+    from test_reliability import record_and_sleep
+
+    log = tmp_path / "runs"
+    with mqexec.Client(no_worker_grace=1.0) as client:
+        fut = client.submit(record_and_sleep, str(log), 4, 2.0)
+        deadline = time.monotonic() + 30
+        while not log.exists():
+            assert time.monotonic() < deadline and not fut.done(), fut
+            time.sleep(0.05)
+        (worker,) = [p for p in psutil.Process().children() if "worker" in " ".join(p.cmdline())]
+        os.killpg(worker.pid, signal.SIGKILL)
+        assert fut.result(timeout=60) == 40
+        assert len(log.read_text().splitlines()) == 2
+        assert client.submit(lambda: 2, pure=False).result(timeout=60) == 2
+
+
+def test_secret_key_file_is_created_private(no_broker_configured, tmp_path):
+    cfg = mqexec.Config.load(broker_url="amqp://x@127.0.0.1//").with_secret()
+    path = tmp_path / "config" / "mqexec" / "secret"
+    assert cfg.secret and path.read_bytes().strip() == cfg.secret
+    assert path.stat().st_mode & 0o777 == 0o600
