@@ -152,7 +152,7 @@ def verify_chain(pems: Sequence[str], user: Any, ca_dir: str) -> Any:
             raise BootError("proxy chain ends without the user's certificate")
         try:
             cert.verify_directly_issued_by(chain[i + 1])
-        except (ValueError, TypeError, Exception) as exc:
+        except Exception as exc:  # InvalidSignature, or a name/key-type mismatch (ValueError, TypeError)
             raise BootError(f"proxy {cert.subject.rfc4514_string()} is not signed by the next certificate: "
                             f"{exc or type(exc).__name__}") from None
     ee = _end_entity(chain)
