@@ -395,6 +395,36 @@ def _schedule(client: Client, dsk: Any, keys: Any, *, retries: int = 0, priority
     return p, out, constants
 
 
+def collection_graph(collection: Any, optimize_graph: bool = True) -> tuple[Any, Any]:
+    """A dask collection as ``(graph, key)``: computing ``key`` gives the collection's final value.
+
+    >>> graph, key = collection_graph(da.ones(10, chunks=5).sum())       # doctest: +SKIP
+    >>> get(client, graph, key)                                          # doctest: +SKIP
+    np.float64(10.0)
+    """
+    try:  # dask >= 2025.4: expressions, with the finalize step in the graph
+        from dask._expr import FinalizeCompute
+        from dask.base import collections_to_expr
+    except ImportError:  # older dask: a graph plus the collection's __dask_postcompute__
+        from dask._task_spec import Task, TaskRef
+        from dask.base import collections_to_dsk
+
+        graph = dict(collections_to_dsk([collection], optimize_graph))
+        keys = collection.__dask_keys__()
+        func, extra = collection.__dask_postcompute__()
+        final = f"finalize-{uuid.uuid4().hex}"
+        graph[final] = Task(final, _finalize, func, tuple(extra), keys, *[TaskRef(k) for k in _flat_keys(keys)])
+        return graph, final
+    expr = FinalizeCompute(collections_to_expr([collection], optimize_graph)).optimize()
+    (key,) = _flat_keys(expr.__dask_keys__())
+    return expr, key
+
+
+def _finalize(func: Any, extra: tuple[Any, ...], keys: Any, *values: Any) -> Any:
+    """``func(results in the structure of keys, *extra)``, from the flat values of the keys."""
+    return func(_repack(keys, dict(zip(_flat_keys(keys), values, strict=True))), *extra)
+
+
 def get(client: Client, dsk: Any, keys: Any, *, sync: bool = True, retries: int | None = None,
         priority: int = 0, resources: dict[str, float] | None = None, **kwargs: Any) -> Any:
     """Compute a dask graph on mqexec workers: a dask scheduler, ``dask.compute(x, scheduler=client.get)``.
@@ -441,7 +471,7 @@ def compute(client: Client, collections: Any, sync: bool = False, *, optimize_gr
     >>> fut.result()                                           # doctest: +SKIP
     np.float64(100.0)
     """
-    from dask.base import collections_to_expr, is_dask_collection
+    from dask.base import is_dask_collection
 
     from ..futures import Future
 
@@ -452,11 +482,8 @@ def compute(client: Client, collections: Any, sync: bool = False, *, optimize_gr
         if not is_dask_collection(c):
             out.append(c)
             continue
-        from dask._expr import FinalizeCompute
-
-        expr = FinalizeCompute(collections_to_expr([c], optimize_graph)).optimize()
-        (key,) = _flat_keys(expr.__dask_keys__())
-        _, futures, constants = _schedule(client, expr, [key], own_future={key}, retries=retries or 0,
+        graph, key = collection_graph(c, optimize_graph)
+        _, futures, constants = _schedule(client, graph, [key], own_future={key}, retries=retries or 0,
                                           priority=priority, resources=resources)
         out.append(futures[key] if key in futures else client.scatter(_value(constants[key]), hash=False))
     if sync:
