@@ -150,7 +150,9 @@ def make_app(cfg: Config, *, worker: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Flower learns of a task from the worker's task-received event; a client-side task-sent event would
+        # be a second confirmed publish per task (it halved submit throughput, measured in docs/design.md).
+        task_send_sent_event=False,
         task_create_missing_queues=False,
         task_queues=[task_queue(cfg)] + [task_queue(cfg, r) for r in sorted(cfg.resources)],
         task_default_queue=queue_name(cfg),

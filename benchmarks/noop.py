@@ -1,0 +1,89 @@
+"""No-op tasks: throughput of ``Client.map`` over 10,000 calls and single-task round trip, mqexec vs Dask.
+
+    python benchmarks/noop.py [--tasks 10000] [--roundtrips 300] [--broker amqp://guest:guest@127.0.0.1:5672//]
+
+One run, same machine: mqexec with 2 local ``mqexec worker`` processes (concurrency 1 each) on loopback
+RabbitMQ, and ``distributed.Client`` on ``LocalCluster(n_workers=2, threads_per_worker=1)``. Prints a table
+and the ratios (mqexec / dask for tasks/s; dask / mqexec for latency, so > 1 means mqexec is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+
+def noop(x):
+    return x
+
+
+def measure(client, tasks: int, roundtrips: int, **map_kw) -> dict[str, float]:
+    client.gather(client.map(noop, range(50), pure=False, **map_kw))  # warm up: workers, imports, caches
+    started = time.perf_counter()
+    futures = client.map(noop, range(tasks), pure=False, **map_kw)
+    results = client.gather(futures)
+    elapsed = time.perf_counter() - started
+    assert results == list(range(tasks))
+    latencies = []
+    for i in range(roundtrips):
+        t0 = time.perf_counter()
+        client.submit(noop, i, pure=False).result()
+        latencies.append(time.perf_counter() - t0)
+    q = statistics.quantiles(latencies, n=10)
+    return {"tasks_per_s": tasks / elapsed, "p50_ms": statistics.median(latencies) * 1e3, "p90_ms": q[8] * 1e3}
+
+
+def run_mqexec(broker: str, tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
+    import mqexec
+
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "MQEXEC_SECRET": "bench-secret", "MQEXEC_QUEUE_PREFIX": prefix,
+           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    workers = [subprocess.Popen([sys.executable, "-m", "mqexec", "worker", "--broker", broker, "--concurrency", "1",
+                                 "--loglevel", "WARNING"], env=env, start_new_session=True) for _ in range(2)]
+    try:
+        with mqexec.Client(broker, secret="bench-secret", queue_prefix=prefix) as client:
+            out = {"mqexec (batched map)": measure(client, tasks, roundtrips)}
+            out["mqexec (batch_size=1)"] = measure(client, tasks, roundtrips, batch_size=1)
+            return out
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(30)
+
+
+def run_dask(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        return {"distributed.Client, LocalCluster(2x1)": measure(client, tasks, roundtrips)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--roundtrips", type=int, default=300)
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
+    args = parser.parse_args(argv)
+    rows = {**run_mqexec(args.broker, args.tasks, args.roundtrips), **run_dask(args.tasks, args.roundtrips)}
+    print(f"\n{args.tasks} no-op tasks through map+gather; {args.roundtrips} sequential submit().result()")
+    print(f"{'path':42} {'tasks/s':>9} {'p50 ms':>8} {'p90 ms':>8}")
+    for name, r in rows.items():
+        print(f"{name:42} {r['tasks_per_s']:9.0f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f}")
+    dask = rows["distributed.Client, LocalCluster(2x1)"]
+    for name in ("mqexec (batched map)", "mqexec (batch_size=1)"):
+        r = rows[name]
+        print(f"{name}: throughput {r['tasks_per_s'] / dask['tasks_per_s']:.2f}x dask, "
+              f"p50 latency {dask['p50_ms'] / r['p50_ms']:.2f}x better, p90 {dask['p90_ms'] / r['p90_ms']:.2f}x better")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
