@@ -139,7 +139,6 @@ def make_app(cfg: Config, *, worker: bool = False) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_timeout=cfg.connect_timeout,
         broker_heartbeat=cfg.heartbeat if worker else 0,
-        broker_pool_limit=4,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

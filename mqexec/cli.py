@@ -45,7 +45,7 @@ def _flower(args: argparse.Namespace) -> int:
     from .config import Config
 
     app = make_app(Config.load(broker_url=args.broker))
-    app.start(["celery", "flower", f"--port={args.port}", f"--address={args.address}"])
+    app.start(["flower", f"--port={args.port}", f"--address={args.address}"])
     return 0
 
 

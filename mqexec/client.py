@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import pickle
+import queue
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +106,8 @@ class Client:
         self._refs: dict[str, dict[str, Any]] = {}  # key → data-lake ref of its result
         self._blobs: set[str] = set()
         self._declared: set[str | None] = set()
+        self._handles: Counter[str] = Counter()  # key → live Future handles
+        self._released: queue.SimpleQueue[str] = queue.SimpleQueue()  # filled by Future.release/__del__
         try:
             self._conn = connect(self.config)
         except BaseException:
@@ -197,9 +201,12 @@ class Client:
         >>> client.submit(np.sum, big).result()             # doctest: +SKIP
         """
         if isinstance(data, list | tuple):
-            return type(data)(self.scatter(x, hash) for x in data)
+            return type(data)(self._scatter_one(x, hash) for x in data)
         if isinstance(data, dict):
-            return {k: self.scatter(v, hash) for k, v in data.items()}
+            return {k: self._scatter_one(v, hash) for k, v in data.items()}
+        return self._scatter_one(data, hash)
+
+    def _scatter_one(self, data: Any, hash: bool) -> Future:  # noqa: A002
         payload = self._dumps(data, "the scattered data")
         digest = sha256(payload)
         key = f"{type(data).__name__}-{digest[:32] if hash else uuid.uuid4().hex}"
@@ -223,7 +230,8 @@ class Client:
                 any_pending = True
                 self._waiting.pop(f.key, None)
                 msg = self._inflight.pop(f.key, None)
-                if msg and all(self._states[k].status == "cancelled" for k in self._messages.get(msg, [])):
+                if msg and all(self._states.get(k, f._state).status == "cancelled"
+                               for k in self._messages.get(msg, [])):
                     revoke.append(msg)
         if revoke:
             self._app.control.revoke(revoke)
@@ -446,11 +454,13 @@ class Client:
             return  # a duplicate (redelivered task) or a cancelled future: the first outcome stands
         if outcome.ok:
             state.finish(_Lazy(lambda: self._load_value(outcome)))
-            return
-        exc = pickle.loads(outcome.data) if outcome.data else RuntimeError("remote failure without details")
-        if outcome.traceback:
-            exc.__cause__ = RemoteTraceback(f"on worker {worker}:\n{outcome.traceback}")
-        state.fail(exc, outcome.traceback)
+        else:
+            exc = pickle.loads(outcome.data) if outcome.data else RuntimeError("remote failure without details")
+            if outcome.traceback:
+                exc.__cause__ = RemoteTraceback(f"on worker {worker}:\n{outcome.traceback}")
+            state.fail(exc, outcome.traceback)
+        with self._lock:
+            self._forget_if_done(outcome.key)  # nobody holds a handle any more
 
     def _load_value(self, outcome: Outcome) -> Any:
         import cloudpickle
@@ -473,6 +483,30 @@ class Client:
                 state = self._states.get(call.key)
             if state is not None:
                 state.fail(TaskDeadLettered(f"task {call.label} [{call.key}] was dead-lettered: {why}"))
+
+    def _retain(self, key: str) -> None:
+        with self._lock:
+            self._handles[key] += 1
+
+    def _purge(self) -> None:
+        """Forget the results of keys whose last Future handle is gone (called by the collector thread)."""
+        with self._lock:
+            while True:
+                try:
+                    key = self._released.get_nowait()
+                except queue.Empty:
+                    return
+                self._handles[key] -= 1
+                if self._handles[key] <= 0:
+                    del self._handles[key]
+                    self._forget_if_done(key)
+
+    def _forget_if_done(self, key: str) -> None:
+        state = self._states.get(key)
+        if state is not None and state.status != "pending" and key not in self._handles:
+            del self._states[key]
+            self._refs.pop(key, None)
+            self._scattered.pop(key, None)
 
     def _in_flight(self) -> bool:
         return bool(self._inflight)
@@ -525,7 +559,9 @@ class Client:
             for k in doomed:
                 self._inflight.pop(k)
         for k in doomed:
-            self._states[k].fail(exc)
+            state = self._states.get(k)
+            if state is not None:
+                state.fail(exc)
 
     def _close_local(self) -> None:
         if self._local is not None:

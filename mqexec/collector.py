@@ -58,6 +58,7 @@ class Collector(threading.Thread):
                                 conn.drain_events(timeout=0.25)
                             except TimeoutError:
                                 pass
+                            self.client._purge()
                             self._watchdog()
             except Exception as exc:
                 if self._stop_event.is_set():

@@ -101,6 +101,11 @@ class Future:
         self.key = key
         self._state = state
         self._client = client
+        if client is not None:
+            client._retain(key)
+
+    def __del__(self) -> None:
+        self.release()
 
     @property
     def status(self) -> str:
@@ -155,7 +160,10 @@ class Future:
         self._state.on_done(lambda: fn(self))
 
     def release(self) -> None:
-        """Drop this handle (kept for ``distributed`` compatibility; results are freed with the last handle)."""
+        """Drop this handle; the client forgets the result when the last handle of its key is gone."""
+        client, self._client = self._client, None
+        if client is not None:
+            client._released.put(self.key)
 
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key}>"

@@ -154,7 +154,7 @@ def start_worker(broker_url: str, settings: dict[str, object], tmp_path: Path) -
         environ = {**os.environ, "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
                    "MQEXEC_SECRET": secret if secret is not None else str(settings["secret"]),
                    "MQEXEC_CACHE_DIR": str(tmp_path / f"worker{n}-cache"), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-                   **(env or {})}
+                   "MQEXEC_LAKE_URL": "", **(env or {})}
         if secret == "":
             environ.pop("MQEXEC_SECRET")
             environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")

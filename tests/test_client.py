@@ -188,3 +188,24 @@ def _client_bytes_sent(client) -> int:
         if len(fields) == 2 and fields[0] == str(port):
             return int(fields[1])
     raise AssertionError(f"no broker connection from port {port}:\n{out}")
+
+
+def test_results_are_forgotten_with_their_last_handle(worker, client):
+    """A long run keeps no finished results that nobody holds (memory stays flat)."""
+    import gc
+
+    kept = client.submit(slow_square, 3)
+    for i in range(200):
+        assert client.submit(slow_square, i, pure=False).result(timeout=30) == i * i
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(client._states) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert set(client._states) == {kept.key}
+    assert kept.result() == 9
+
+
+def test_scatter_of_nested_lists_scatters_the_top_level(worker, client):
+    (inner,) = client.scatter([[1, 2, 3]])
+    assert isinstance(inner, mqexec.Future) and inner.result() == [1, 2, 3]
+    assert client.submit(sum, inner).result(timeout=30) == 6

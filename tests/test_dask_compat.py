@@ -371,9 +371,7 @@ def test_with_client_is_default_scheduler_and_restores(no_client: Backend) -> No
         assert where == here
 
 
-def test_scatter_list_of_lists_scatters_top_level_only(backend: Backend, request: pytest.FixtureRequest) -> None:
-    differs(backend, request, "core gap: mqexec.Client.scatter recurses into nested lists/dicts "
-                              "(scatter([[1, 2, 3]]) gives [[Future, Future, Future]], distributed gives [Future])")
+def test_scatter_list_of_lists_scatters_top_level_only(backend: Backend) -> None:
     c = backend.client
     [inner] = c.scatter([[1, 2, 3]])
     assert isinstance(inner, backend.Future)
