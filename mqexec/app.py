@@ -90,7 +90,8 @@ def task_queue(cfg: Config, resource: str | None = None) -> Queue:
     name = queue_name(cfg, resource)
     args: dict[str, Any] = {}
     if transport_of(cfg.broker_url or "filesystem://").quorum:
-        args = {"x-queue-type": "quorum", "x-delivery-limit": cfg.delivery_limit, "x-dead-letter-exchange": f"{cfg.queue_prefix}.dlx"}
+        args = {"x-queue-type": "quorum", "x-delivery-limit": cfg.delivery_limit,
+                "x-dead-letter-exchange": f"{cfg.queue_prefix}.dlx"}
     return Queue(name, Exchange(cfg.queue_prefix, type="direct", durable=True), routing_key=name,
                  durable=True, queue_arguments=args)
 

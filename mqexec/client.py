@@ -16,6 +16,7 @@ can be cancelled until its result arrives: if its message is still queued, worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import queue
@@ -206,7 +207,7 @@ class Client:
             return {k: self._scatter_one(v, hash) for k, v in data.items()}
         return self._scatter_one(data, hash)
 
-    def _scatter_one(self, data: Any, hash: bool) -> Future:  # noqa: A002
+    def _scatter_one(self, data: Any, hash: bool) -> Future:
         payload = self._dumps(data, "the scattered data")
         digest = sha256(payload)
         key = f"{type(data).__name__}-{digest[:32] if hash else uuid.uuid4().hex}"
@@ -281,7 +282,7 @@ class Client:
         if importlib.util.find_spec("dask") is not None:
             from .adapters.dask import default_scheduler
 
-            self._dask_default = default_scheduler(self)
+            self._dask_default: Any = default_scheduler(self)
             self._dask_default.__enter__()
         return self
 
@@ -353,7 +354,7 @@ class Client:
             if state is None:
                 raise ValueError(f"{pending.label} depends on future {dep}, which this client does not know")
             self._dependents.setdefault(dep, set()).add(pending.key)
-            state.on_done(lambda dep=dep: self._dependency_done(dep))
+            state.on_done(functools.partial(self._dependency_done, dep))
 
     def _dependency_done(self, dep: str) -> None:
         release: list[_Pending] = []
@@ -547,11 +548,11 @@ class Client:
             log.warning("no worker is connected yet; tasks wait in %s (start one: mqexec worker --broker %s)",
                         names, redact(self.config.broker_url or ""))
             return
-        exc = NoWorkerError(f"no worker serves {names} (this client: Python {self._env['python']}, "
-                            f"env {self.config.env}); the {len(served_by)} connected worker(s) serve: "
-                            f"{', '.join(served)}")
-        log.error("%s", exc)
-        self._fail_inflight(lambda resource: resource in idle, exc)
+        error = NoWorkerError(f"no worker serves {names} (this client: Python {self._env['python']}, "
+                              f"env {self.config.env}); the {len(served_by)} connected worker(s) serve: "
+                              f"{', '.join(served)}")
+        log.error("%s", error)
+        self._fail_inflight(lambda resource: resource in idle, error)
 
     def _fail_inflight(self, which: Callable[[str | None], bool], exc: BaseException) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ futures with :class:`~mqexec.errors.NoWorkerError` naming them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -54,10 +55,8 @@ class Collector(threading.Thread):
                         self.ready.set()
                         backoff = 0.5
                         while not self._stop_event.is_set():
-                            try:
+                            with contextlib.suppress(TimeoutError):
                                 conn.drain_events(timeout=0.25)
-                            except TimeoutError:
-                                pass
                             self.client._purge()
                             self._watchdog()
             except Exception as exc:

@@ -176,6 +176,8 @@ class Executor:
     def _lake(self, url: str | None) -> Any:
         from .lake import open_lake
 
+        if not url:
+            raise SerializationError("a data-lake reference arrived, but the task names no data lake")
         if url not in self._lakes:
             self._lakes[url] = open_lake(url)
         return self._lakes[url]

@@ -80,10 +80,8 @@ class LocalCluster:
                 proc.send_signal(signal.SIGQUIT)
         deadline = time.monotonic() + grace
         for proc in self._procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                pass
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session: it and its pool processes
             proc.wait()

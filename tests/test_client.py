@@ -156,7 +156,7 @@ def test_unpicklable_function_fails_at_submit_naming_it(client):
     def uses_lock():
         return lock.locked()
 
-    with pytest.raises(SerializationError, match="uses_lock.*lock"):
+    with pytest.raises(SerializationError, match=r"uses_lock.*lock"):
         client.submit(uses_lock)
     with pytest.raises(SerializationError, match="argument"):
         client.submit(print, threading.Lock())

@@ -102,8 +102,8 @@ def dask_cluster() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two real ``mqexec worker --concurrency 1`` processes on a queue prefix of this module's own."""
-    from conftest import ROOT, Worker
     from kombu import Connection
+    from workerproc import ROOT, Worker
 
     from mqexec.config import default_env
 

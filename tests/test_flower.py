@@ -10,19 +10,18 @@ import time
 import urllib.request
 
 import pytest
-
-from conftest import _free_port, _listening
+from netutil import free_port, listening
 
 
 @pytest.fixture
 def flower(broker_url, settings, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true", "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"])}
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "mqexec", "flower", "--broker", broker_url, "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
-    while not _listening("127.0.0.1", port):
+    while not listening("127.0.0.1", port):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
         time.sleep(0.2)
     yield f"http://127.0.0.1:{port}"

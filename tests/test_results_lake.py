@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from lake_servers import xrootd_server  # noqa: F401 - the fixture
 
 import mqexec
-from lake_servers import xrootd_server  # noqa: F401 - the fixture
 
 
 def big_array(n: int) -> np.ndarray:

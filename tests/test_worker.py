@@ -10,7 +10,6 @@ import time
 
 import psutil
 import pytest
-
 from test_reliability import record_and_sleep
 
 
