@@ -115,14 +115,11 @@ def _mqexec_workers(**executor_kw):
 def _delete_queues(prefix: str) -> None:
     from kombu import Connection
 
-    from mqexec.config import default_env
+    from mqexec.app import delete_topology
+    from mqexec.config import Config
 
     with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
-        channel = conn.channel()
-        for queue in (f"{prefix}.{default_env()}", f"{prefix}.dead"):
-            channel.queue_delete(queue)
-        for exchange in (prefix, f"{prefix}.dlx"):
-            channel.exchange_delete(exchange)
+        delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))
 
 
 @contextlib.contextmanager

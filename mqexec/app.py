@@ -111,6 +111,15 @@ def dead_letter_queues(cfg: Config, reply_to: str | None = None) -> list[Queue]:
     return [dead, mine]
 
 
+def delete_topology(channel: Any, cfg: Config, resources: tuple[str, ...] = ()) -> None:
+    """Delete a queue prefix's task queues, dead-letter queue and exchanges (after a test or benchmark run);
+    result and blob queues go with their client's ``close()``."""
+    for queue in [queue_name(cfg), *(queue_name(cfg, r) for r in resources), f"{cfg.queue_prefix}.dead"]:
+        channel.queue_delete(queue)
+    for exchange in (cfg.queue_prefix, f"{cfg.queue_prefix}.dlx"):
+        channel.exchange_delete(exchange)
+
+
 def kombu_connection_args(cfg: Config) -> tuple[str, dict[str, Any]]:
     """(URL, transport options) as kombu wants them; ``filesystem:///dir`` becomes kombu's folders."""
     url = cfg.broker_url or ""

@@ -64,16 +64,15 @@ def prefix(broker_url: str) -> Iterator[str]:
     delete their own result and blob queues when they close)."""
     from kombu import Connection
 
-    from mqexec.config import default_env
+    from mqexec.app import delete_topology
+    from mqexec.config import Config
 
     name = f"mqt{uuid.uuid4().hex[:10]}"
     yield name
     with Connection(broker_url.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
         channel = conn.channel()
-        for queue in (f"{name}.{default_env()}", f"{name}.{default_env()}.GPU", f"{name}.py3.99", f"{name}.dead"):
-            channel.queue_delete(queue)
-        for exchange in (name, f"{name}.dlx"):
-            channel.exchange_delete(exchange)
+        delete_topology(channel, Config.load(broker_url=broker_url, queue_prefix=name), ("GPU",))
+        delete_topology(channel, Config.load(broker_url=broker_url, queue_prefix=name, env="py3.99"))
 
 
 @pytest.fixture

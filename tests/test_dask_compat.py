@@ -105,7 +105,8 @@ def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     from kombu import Connection
     from workerproc import ROOT, Worker
 
-    from mqexec.config import default_env
+    from mqexec.app import delete_topology
+    from mqexec.config import Config
 
     tmp = tmp_path_factory.mktemp("mqcompat")
     prefix = f"mqt{uuid.uuid4().hex[:10]}"
@@ -126,11 +127,7 @@ def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         for w in workers:
             w.stop()
         with Connection(broker_url.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
-            channel = conn.channel()
-            for queue in (f"{prefix}.{default_env()}", f"{prefix}.dead"):
-                channel.queue_delete(queue)
-            for exchange in (prefix, f"{prefix}.dlx"):
-                channel.exchange_delete(exchange)
+            delete_topology(conn.channel(), Config.load(broker_url=broker_url, queue_prefix=prefix))
 
 
 def _backend(request: pytest.FixtureRequest, broker_url: str) -> Backend:
