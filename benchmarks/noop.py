@@ -3,7 +3,8 @@
     python benchmarks/noop.py [--tasks 10000] [--roundtrips 300] [--broker amqp://guest:guest@127.0.0.1:5672//]
 
 One run, same machine: mqexec with 2 local ``mqexec worker`` processes (concurrency 1 each) on loopback
-RabbitMQ, and ``distributed.Client`` on ``LocalCluster(n_workers=2, threads_per_worker=1)``. Prints a table
+RabbitMQ, mqexec's embedded default (``Client()``: file-system broker), and ``distributed.Client`` on
+``LocalCluster(n_workers=2, threads_per_worker=1)``. Prints a table
 and the ratios (mqexec / dask for tasks/s; dask / mqexec for latency, so > 1 means mqexec is better).
 """
 
@@ -58,6 +59,14 @@ def run_mqexec(broker: str, tasks: int, roundtrips: int) -> dict[str, dict[str, 
             w.wait(30)
 
 
+def run_embedded(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
+    import mqexec
+
+    os.environ.pop("MQEXEC_BROKER_URL", None)
+    with mqexec.Client(concurrency=2) as client:
+        return {"mqexec embedded default (1 worker x 2)": measure(client, tasks, roundtrips)}
+
+
 def run_dask(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
     from distributed import Client, LocalCluster
 
@@ -72,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roundtrips", type=int, default=300)
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args(argv)
-    rows = {**run_mqexec(args.broker, args.tasks, args.roundtrips), **run_dask(args.tasks, args.roundtrips)}
+    rows = {**run_mqexec(args.broker, args.tasks, args.roundtrips),
+            **run_embedded(args.tasks, args.roundtrips), **run_dask(args.tasks, args.roundtrips)}
     print(f"\n{args.tasks} no-op tasks through map+gather; {args.roundtrips} sequential submit().result()")
     print(f"{'path':42} {'tasks/s':>9} {'p50 ms':>8} {'p90 ms':>8}")
     for name, r in rows.items():
         print(f"{name:42} {r['tasks_per_s']:9.0f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f}")
     dask = rows["distributed.Client, LocalCluster(2x1)"]
-    for name in ("mqexec (batched map)", "mqexec (batch_size=1)"):
+    for name in ("mqexec (batched map)", "mqexec (batch_size=1)", "mqexec embedded default (1 worker x 2)"):
         r = rows[name]
         print(f"{name}: throughput {r['tasks_per_s'] / dask['tasks_per_s']:.2f}x dask, "
               f"p50 latency {dask['p50_ms'] / r['p50_ms']:.2f}x better, p90 {dask['p90_ms'] / r['p90_ms']:.2f}x better")

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-walltime", help="the batch job's walltime, e.g. 47h: drain before reaching it")
     w.add_argument("--drain-margin", help="stop taking tasks this long before --max-walltime")
     w.add_argument("--env", help="serve another environment's queue (default: this Python, e.g. py3.11)")
-    w.add_argument("--hostname", help="worker name (default: mqexec-<env>@<host>)")
+    w.add_argument("--hostname", help="worker name (default: mqexec-<env>-<pid>@<host>)")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)

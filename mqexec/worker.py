@@ -77,7 +77,8 @@ def run_worker(cfg: Config, *, hostname: str | None = None, loglevel: str = "INF
     app = make_app(cfg, worker=True)
     app.conf.worker_consumer = "mqexec.worker:Consumer"
     queues = [queue_name(cfg)] + [queue_name(cfg, r) for r in sorted(cfg.resources)]
-    name = hostname or f"mqexec-{cfg.env}@{socket.gethostname()}"
+    # unique per process: two jobs on one node must not share Celery's remote-control queue
+    name = hostname or f"mqexec-{cfg.env}-{os.getpid()}@{socket.gethostname()}"
     started = time.monotonic()
 
     from celery import signals
