@@ -52,7 +52,8 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "mqexec", "worker", "--broker", self.config.broker_url or "",
                "--concurrency", str(self.config.concurrency), "--exit-with-parent",
                "--loglevel", os.environ.get("MQEXEC_LOCAL_LOGLEVEL", "WARNING")]
-        return subprocess.Popen(cmd, env=env, start_new_session=True)
+        # stdout carries only Celery's shutdown banners ("Hitting Ctrl+C again ..."); the log is on stderr
+        return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
 
     def supervise(self, max_restarts: int = 3) -> tuple[bool, str | None]:
         """Restart local workers that died. Returns (whether one was restarted, why none is left after
