@@ -175,6 +175,14 @@ def test_two_rabbitmq_workers_match_iterative(fileset, reference, client, start_
     # merging on the workers first gives the same output
     assert_same(_run(fileset, MQExecutor(client=client, status=False, merging=3)), reference)
     assert any(s[0].startswith("merge of 3 outputs") for s in sent)
+    # consumed chunk outputs are released: the client keeps no results after the runs (memory stays flat)
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while client._states and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not client._states, sorted(client._states)[:5]
 
 
 def test_worker_killed_mid_run_loses_and_doubles_nothing(fileset, reference, client, start_worker) -> None:

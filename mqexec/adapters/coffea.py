@@ -159,18 +159,6 @@ class _NoBar:
         pass
 
 
-def _forget(client: Client, key: str) -> None:
-    """Drop the client's record of a consumed result, so memory stays flat over thousands of chunks.
-
-    Works around ``Future.release()`` being a no-op in the core: ``Client._states`` otherwise keeps every
-    result until the client closes. A late duplicate of a forgotten key finds no state and is dropped.
-    """
-    with client._lock:
-        state = client._states.get(key)
-        if state is not None and state.status != "pending":
-            del client._states[key]
-
-
 @dataclass
 class MQExecutor(ExecutorBase):
     """coffea executor that runs chunks on ``mqexec worker`` processes through a message broker.
@@ -272,7 +260,7 @@ class MQExecutor(ExecutorBase):
                         exc.add_note(f"mqexec: while running {label}")
                         raise
                     finally:
-                        _forget(client, future.key)
+                        future.release()  # merged into acc: the client need not keep it (memory stays flat)
                     if not label.startswith("merge of "):
                         outstanding -= 1
                         progress.update(bar, advance=1, refresh=True)
@@ -305,7 +293,7 @@ class MQExecutor(ExecutorBase):
                 except Exception:  # the first error is the one reported
                     continue
                 finally:
-                    _forget(client, f.key)
+                    f.release()
             for value in batch:
                 if not isinstance(value, _Skipped):
                     acc = accumulate([_unpack(value, self.compression)], acc)
