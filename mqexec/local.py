@@ -4,7 +4,7 @@
 processes) on kombu's file-system transport in a private temporary folder — the same worker, the same task
 body and the same client code as on the grid; only the broker URL differs (``filesystem:///tmp/mqexec-…``).
 Why this transport and not a private RabbitMQ node: it needs only ``pip install``, starts in milliseconds,
-and measured ~1,000 tasks/s here (``docs/design.md``). What it lacks — a broker that hands a dead
+and measured ~7,800 no-op tasks/s here (``docs/benchmarks.md``). What it lacks — a broker that hands a dead
 worker's unacknowledged messages to another — the client makes up for: it restarts a dead local worker and
 publishes again what was in flight (results are deduplicated by key, so nothing counts twice).
 """
