@@ -33,9 +33,8 @@ def _blob_queue(prefix: str, digest: str, expires: float) -> Any:
                  durable=True, auto_delete=False, queue_arguments={"x-expires": int(expires * 1000)})
 
 
-def put_blob(conn: Connection, prefix: str, data: bytes, expires: float) -> str:
-    """Publish ``data`` once into its blob queue (a no-op when it is already there); returns its sha256."""
-    digest = sha256(data)
+def put_blob(conn: Connection, prefix: str, data: bytes, digest: str, expires: float) -> None:
+    """Publish ``data`` (whose sha256 is ``digest``) once into its blob queue; a no-op when it is there."""
     queue = _blob_queue(prefix, digest, expires)
     channel = conn.default_channel
     bound = queue(channel)
@@ -46,7 +45,6 @@ def put_blob(conn: Connection, prefix: str, data: bytes, expires: float) -> str:
         Producer(channel).publish(data, exchange="", routing_key=queue.name, serializer=None,
                                   content_type="application/octet-stream", content_encoding="binary",
                                   delivery_mode=2)
-    return digest
 
 
 def _declare(bound_queue: Any) -> tuple[str, int, int]:

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .app import REPLY_HEADER, TASK_NAME, make_app, queue_name, redact, task_queue, transport_of
-from .blobs import put_blob
+from .blobs import blob_queue_name, put_blob
 from .broker import connect
 from .collector import Collector
 from .config import Config
 from .envelope import Call, FunctionRef, Outcome, TaskEnvelope, environment, sha256
 from .errors import NoWorkerError, RemoteTraceback, SerializationError, TaskDeadLettered
-from .execute import BlobArg, LakeArg
+from .execute import BlobArg, LakeArg, replace_leaves
 from .futures import Future, FutureState, _Lazy
 
 log = logging.getLogger("mqexec.client")
@@ -52,6 +52,16 @@ class _Pending:
     retries: int
     resource: str | None
     deps: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Sent:
+    """A task message on its way: its calls' keys, its resource queue, and (embedded default only) the
+    envelope, kept to publish again if the local worker that held it dies."""
+
+    keys: list[str]
+    resource: str | None
+    envelope: TaskEnvelope | None
 
 
 def _funcname(fn: Any) -> str:
@@ -98,11 +108,9 @@ class Client:
         self._lock = threading.RLock()
         self._states: dict[str, FutureState] = {}
         self._inflight: dict[str, str] = {}  # call key → message id, until its outcome arrives
-        self._messages: dict[str, list[str]] = {}  # message id → call keys
+        self._messages: dict[str, _Sent] = {}  # message id → what was sent, until all its outcomes arrived
         self._waiting: dict[str, _Pending] = {}  # call key → held call
         self._dependents: dict[str, set[str]] = {}  # dep key → keys of held calls
-        self._resources: dict[str, str | None] = {}  # message id → resource queue suffix
-        self._sent: dict[str, TaskEnvelope] = {}  # message id → envelope, kept to republish (embedded only)
         self._scattered: dict[str, str] = {}  # key → blob digest
         self._refs: dict[str, dict[str, Any]] = {}  # key → data-lake ref of its result
         self._blobs: set[str] = set()
@@ -214,7 +222,7 @@ class Client:
         with self._lock:
             state = self._states.setdefault(key, FutureState())
             if len(payload) > _SCATTER_INLINE:  # small data rides inside the calls that use it
-                self._scattered[key] = self._put_blob(payload)
+                self._scattered[key] = self._put_blob(payload, digest)
         state.finish(data)
         return Future(key, state, self)
 
@@ -230,9 +238,11 @@ class Client:
                     continue
                 any_pending = True
                 self._waiting.pop(f.key, None)
-                msg = self._inflight.pop(f.key, None)
-                if msg and all(self._states.get(k, f._state).status == "cancelled"
-                               for k in self._messages.get(msg, [])):
+                msg = self._inflight.get(f.key)
+                sent = self._messages.get(msg) if msg is not None else None
+                self._landed(f.key)
+                if msg is not None and sent is not None and all(
+                        self._states.get(k, f._state).status == "cancelled" for k in sent.keys):
                     revoke.append(msg)
         if revoke:
             self._app.control.revoke(revoke)
@@ -251,7 +261,7 @@ class Client:
         self._collector.join(timeout=5)
         try:
             channel = self._conn.default_channel
-            for name in [self.reply_to] + [f"{self.config.queue_prefix}.blob.{d}" for d in self._blobs]:
+            for name in [self.reply_to] + [blob_queue_name(self.config.queue_prefix, d) for d in self._blobs]:
                 channel.queue_delete(name)
         except Exception as exc:  # the broker may already be gone; the queues then expire on their own
             log.debug("could not delete session queues: %s", exc)
@@ -317,7 +327,7 @@ class Client:
         pickled = self._dumps(fn, f"the function {name!r} ({fn!r})")
         ref = FunctionRef.of(pickled, self.config.inline_limit)
         if ref.inline is None:
-            self._put_blob(pickled)
+            self._put_blob(pickled, ref.hash)
         resource = ",".join(sorted(resources)) if resources else None
         futures: list[Future] = []
         ready: list[Call] = []
@@ -374,7 +384,7 @@ class Client:
                     release.append(self._waiting.pop(key))
         for p in release:
             try:
-                args = _substitute(p.args, self._argument_for)
+                args = replace_leaves(p.args, Future, self._argument_for)
                 call = Call(p.key, p.label, self._dumps(args, f"argument of {p.label}"), p.retries)
                 self._publish(p.fn, [call], p.resource, 1)
             except Exception as exc:
@@ -402,12 +412,10 @@ class Client:
                 batch = tuple(calls[start:start + batch_size])
                 msg_id = batch[0].key if len(batch) == 1 else f"batch-{uuid.uuid4().hex}"
                 envelope = TaskEnvelope(msg_id, self._env, fn, batch, self.reply_to, self.config.lake_url)
-                self._messages[msg_id] = [c.key for c in batch]
-                self._resources[msg_id] = resource
+                self._messages[msg_id] = _Sent([c.key for c in batch], resource,
+                                               envelope if self._local is not None else None)
                 for c in batch:
                     self._inflight[c.key] = msg_id
-                if self._local is not None:
-                    self._sent[msg_id] = envelope
                 self._send(envelope, queue)
 
     def _send(self, envelope: TaskEnvelope, queue: Any) -> None:
@@ -418,11 +426,10 @@ class Client:
             argsrepr=first if len(envelope.calls) == 1 else f"{len(envelope.calls)} calls: {first} ...",
             kwargsrepr="{}", shadow=first.split("(", 1)[0])
 
-    def _put_blob(self, data: bytes) -> str:
-        digest = sha256(data)
+    def _put_blob(self, data: bytes, digest: str) -> str:
         with self._lock:
             if digest not in self._blobs:
-                put_blob(self._conn, self.config.queue_prefix, data, self.config.results_expire)
+                put_blob(self._conn, self.config.queue_prefix, data, digest, self.config.results_expire)
                 self._blobs.add(digest)
         return digest
 
@@ -444,11 +451,7 @@ class Client:
     def _settle(self, outcome: Outcome, worker: str) -> None:
         with self._lock:
             state = self._states.get(outcome.key)
-            msg = self._inflight.pop(outcome.key, None)
-            if msg is not None and all(k not in self._inflight for k in self._messages.get(msg, [])):
-                self._messages.pop(msg, None)
-                self._resources.pop(msg, None)
-                self._sent.pop(msg, None)
+            self._landed(outcome.key)
             if outcome.ok and outcome.ref:
                 self._refs[outcome.key] = outcome.ref
         if state is None or state.status != "pending":
@@ -480,10 +483,20 @@ class Client:
                "rejected": "a worker rejected it (bad signature or malformed envelope)"}.get(reason, reason)
         for call in task.calls:
             with self._lock:
-                self._inflight.pop(call.key, None)
+                self._landed(call.key)
                 state = self._states.get(call.key)
             if state is not None:
                 state.fail(TaskDeadLettered(f"task {call.label} [{call.key}] was dead-lettered: {why}"))
+
+    def _landed(self, key: str) -> None:
+        """The call ``key`` is no longer in flight; its message's record goes with its last call (under the
+        lock)."""
+        msg = self._inflight.pop(key, None)
+        if msg is None:
+            return
+        sent = self._messages.get(msg)
+        if sent is not None and all(k not in self._inflight for k in sent.keys):
+            del self._messages[msg]
 
     def _retain(self, key: str) -> None:
         with self._lock:
@@ -520,14 +533,15 @@ class Client:
                 self._fail_inflight(lambda resource: True, NoWorkerError(problem))
             elif restarted:
                 with self._lock:
-                    for msg_id, envelope in list(self._sent.items()):
-                        log.info("republishing %s, which the dead local worker may have held", msg_id)
-                        self._send(envelope, self._queue_for(self._resources.get(msg_id)))
+                    for msg_id, sent in self._messages.items():
+                        if sent.envelope is not None:
+                            log.info("republishing %s, which the dead local worker may have held", msg_id)
+                            self._send(sent.envelope, self._queue_for(sent.resource))
             return
         if not self._transport.quorum:
             return
         with self._lock:
-            resources = {self._resources.get(m) for m in set(self._inflight.values())}
+            resources = {self._messages[m].resource for m in set(self._inflight.values())}
         try:
             with connect(self.config) as conn:
                 counts = {r: task_queue(self.config, r)(conn.default_channel).queue_declare(passive=True)[2]
@@ -556,9 +570,9 @@ class Client:
 
     def _fail_inflight(self, which: Callable[[str | None], bool], exc: BaseException) -> None:
         with self._lock:
-            doomed = [k for k, m in self._inflight.items() if which(self._resources.get(m))]
+            doomed = [k for k, m in self._inflight.items() if which(self._messages[m].resource)]
             for k in doomed:
-                self._inflight.pop(k)
+                self._landed(k)
         for k in doomed:
             state = self._states.get(k)
             if state is not None:
@@ -571,20 +585,6 @@ class Client:
 
 
 def _futures_in(obj: Any) -> set[str]:
-    if isinstance(obj, Future):
-        return {obj.key}
-    if type(obj) in (list, tuple, set, frozenset):
-        return set().union(*(_futures_in(x) for x in obj)) if obj else set()
-    if type(obj) is dict:
-        return set().union(*(_futures_in(v) for v in obj.values())) if obj else set()
-    return set()
-
-
-def _substitute(obj: Any, replace: Callable[[Future], Any]) -> Any:
-    if isinstance(obj, Future):
-        return replace(obj)
-    if type(obj) in (list, tuple, set, frozenset):
-        return type(obj)(_substitute(x, replace) for x in obj)
-    if type(obj) is dict:
-        return {k: _substitute(v, replace) for k, v in obj.items()}
-    return obj
+    keys: set[str] = set()
+    replace_leaves(obj, Future, lambda f: keys.add(f.key))
+    return keys

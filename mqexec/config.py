@@ -114,10 +114,8 @@ class Config:
 
     @classmethod
     def _validated(cls, v: dict[str, Any]) -> Config:
-        for name in ("idle_timeout", "max_walltime", "drain_margin"):
-            if name in v:
-                v[name] = parse_duration(v[name])
-        for name in ("connect_timeout", "heartbeat", "results_expire", "no_worker_grace"):
+        for name in ("idle_timeout", "max_walltime", "drain_margin", "connect_timeout", "heartbeat",
+                     "results_expire", "no_worker_grace"):
             if name in v:
                 v[name] = parse_duration(v[name])
         for name in ("concurrency", "delivery_limit", "inline_limit", "result_inline_limit"):

@@ -54,6 +54,17 @@ class LakeArg:
         return (LakeArg, (self.ref,))
 
 
+def replace_leaves(obj: Any, kinds: type | tuple[type, ...], fn: Any) -> Any:
+    """``obj`` with every ``kinds`` instance inside lists, tuples, sets and dicts replaced by ``fn(it)``."""
+    if isinstance(obj, kinds):
+        return fn(obj)
+    if type(obj) in (list, tuple, set, frozenset):
+        return type(obj)(replace_leaves(x, kinds, fn) for x in obj)
+    if type(obj) is dict:
+        return {k: replace_leaves(v, kinds, fn) for k, v in obj.items()}
+    return obj
+
+
 def _dumps(obj: Any) -> bytes:
     import cloudpickle
 
@@ -129,19 +140,17 @@ class Executor:
         return self.blobs.loaded(task.fn.hash, load, self.app.connection_for_read)
 
     def _resolve(self, obj: Any, lake_url: str | None) -> Any:
+        """The call's arguments with blob and data-lake references replaced by their values."""
         import cloudpickle
 
-        if isinstance(obj, BlobArg):
-            return self.blobs.loaded(obj.digest, cloudpickle.loads, self.app.connection_for_read)
-        if isinstance(obj, LakeArg):
+        def value(ref: BlobArg | LakeArg) -> Any:
+            if isinstance(ref, BlobArg):
+                return self.blobs.loaded(ref.digest, cloudpickle.loads, self.app.connection_for_read)
             from .lake import LakeRef
 
-            return cloudpickle.loads(self._lake(lake_url).get(LakeRef.from_dict(obj.ref)))
-        if type(obj) in (list, tuple, set, frozenset):
-            return type(obj)(self._resolve(x, lake_url) for x in obj)
-        if type(obj) is dict:
-            return {k: self._resolve(v, lake_url) for k, v in obj.items()}
-        return obj
+            return cloudpickle.loads(self._lake(lake_url).get(LakeRef.from_dict(ref.ref)))
+
+        return replace_leaves(obj, (BlobArg, LakeArg), value)
 
     def _call(self, fn: Any, call: Call, lake_url: str | None) -> Outcome:
         import cloudpickle
