@@ -43,7 +43,7 @@ def test_a_local_worker_killed_mid_task_is_restarted_and_nothing_is_lost(no_brok
     with mqexec.Client(no_worker_grace=1.0) as client:
         fut = client.submit(record_and_sleep, str(log), 4, 2.0)
         deadline = time.monotonic() + 30
-        while not log.exists():
+        while not (log.exists() and log.read_text().endswith("\n")):  # a whole line: it really started
             assert time.monotonic() < deadline and not fut.done(), fut
             time.sleep(0.05)
         (worker,) = [p for p in psutil.Process().children() if "worker" in " ".join(p.cmdline())]

@@ -34,7 +34,7 @@ def test_worker_killed_mid_task_runs_again_and_counts_once(start_worker, client,
     callbacks = []
     fut.add_done_callback(lambda f: callbacks.append(f.result()))
     deadline = time.monotonic() + 30
-    while not log.exists():
+    while not (log.exists() and log.read_text().endswith("\n")):  # a whole line: it really started
         assert time.monotonic() < deadline and not fut.done(), fut
         time.sleep(0.05)
     first.kill9()

@@ -43,7 +43,7 @@ def test_sigterm_finishes_the_running_task(start_worker, client, tmp_path):
     worker = start_worker("--concurrency", "1")
     fut = client.submit(record_and_sleep, str(log), 7, 3.0)
     deadline = time.monotonic() + 30
-    while not log.exists():
+    while not (log.exists() and log.read_text().endswith("\n")):  # a whole line: it really started
         assert time.monotonic() < deadline and not fut.done(), fut
         time.sleep(0.05)
     os.kill(worker.proc.pid, signal.SIGTERM)
