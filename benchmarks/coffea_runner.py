@@ -83,16 +83,42 @@ def _mqexec_workers(**executor_kw):
 
     prefix, secret = f"bench{secrets.token_hex(4)}", secrets.token_hex(16)
     logdir = Path(tempfile.mkdtemp(prefix="mqexec-bench-"))
-    env = {**os.environ, "MQEXEC_QUEUE_PREFIX": prefix, "MQEXEC_SECRET": secret,
-           "MQEXEC_CACHE_DIR": str(logdir / "cache"), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "MQEXEC_QUEUE_PREFIX": prefix,
+        "MQEXEC_SECRET": secret,
+        "MQEXEC_CACHE_DIR": str(logdir / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
     procs = []
     try:
         for i in range(WORKERS):
             log = logdir / f"worker{i}.log"
-            procs.append((subprocess.Popen(
-                [sys.executable, "-m", "mqexec", "worker", "--broker", BROKER, "--concurrency", "1",
-                 "--hostname", f"w{i}-{prefix}@bench", "--loglevel", "WARNING"],
-                env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True), log))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "mqexec",
+                            "worker",
+                            "--broker",
+                            BROKER,
+                            "--concurrency",
+                            "1",
+                            "--hostname",
+                            f"w{i}-{prefix}@bench",
+                            "--loglevel",
+                            "WARNING",
+                        ],
+                        env=env,
+                        stdout=log.open("wb"),
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    ),
+                    log,
+                )
+            )
         with mqexec.Client(BROKER, queue_prefix=prefix, secret=secret) as client:
             deadline = time.monotonic() + 60
             while sum(prefix in name for name in client._app.control.inspect(timeout=0.5).ping() or {}) < WORKERS:
@@ -199,12 +225,22 @@ def run(names, fileset, agc, chunksize, repeat=1):
                 best = {"name": name, "label": label, "failed": f"{type(exc).__name__}: {exc}"}
                 break
             n_events = sum(output["nevents"].values())
-            print(f"{label}: {n_events:,} events, {metrics.get('chunks')} chunks, {wall:.2f} s "
-                  f"({n_events / wall:,.0f} events/s), set-up {setup:.2f} s", file=sys.stderr)
+            print(
+                f"{label}: {n_events:,} events, {metrics.get('chunks')} chunks, {wall:.2f} s "
+                f"({n_events / wall:,.0f} events/s), set-up {setup:.2f} s",
+                file=sys.stderr,
+            )
             if best is None or wall < best["wall"]:
                 outputs[name] = output
-                best = {"name": name, "label": label, "setup": setup, "wall": wall, "events": n_events,
-                        "rate": n_events / wall, "chunks": metrics.get("chunks")}
+                best = {
+                    "name": name,
+                    "label": label,
+                    "setup": setup,
+                    "wall": wall,
+                    "events": n_events,
+                    "rate": n_events / wall,
+                    "chunks": metrics.get("chunks"),
+                }
         rows.append(best)
     reference = next((r for r in rows if r["name"] == REFERENCE and "failed" not in r), None)
     for row in rows:
@@ -226,8 +262,7 @@ def markdown_table(rows) -> str:
             continue
         same = {True: "yes", False: "NO", None: "n/a"}[r["same"]]
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['label']} | {r['wall']:.2f} | {r['rate']:,.0f} | {ratio} | {r['setup']:.2f} | "
-                     f"{same} |")
+        lines.append(f"| {r['label']} | {r['wall']:.2f} | {r['rate']:,.0f} | {ratio} | {r['setup']:.2f} | {same} |")
     return "\n".join(lines)
 
 
@@ -238,12 +273,16 @@ def main(argv=None) -> int:
     parser.add_argument("--chunksize", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "mqexec-agc-bench"))
-    parser.add_argument("--executors", nargs="+", choices=sorted(EXECUTORS),
-                        default=["iterative", "futures", "dask", "mqexec"])
+    parser.add_argument(
+        "--executors", nargs="+", choices=sorted(EXECUTORS), default=["iterative", "futures", "dask", "mqexec"]
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per executor; the fastest is reported")
-    parser.add_argument("--mqexec", action="store_true",
-                        help=f"also run MQExecutor with {WORKERS} mqexec workers on RabbitMQ ($MQEXEC_BENCH_BROKER, "
-                             "default loopback guest)")
+    parser.add_argument(
+        "--mqexec",
+        action="store_true",
+        help=f"also run MQExecutor with {WORKERS} mqexec workers on RabbitMQ ($MQEXEC_BENCH_BROKER, "
+        "default loopback guest)",
+    )
     args = parser.parse_args(argv)
 
     names = list(dict.fromkeys(args.executors + (["mqexec"] if args.mqexec else [])))
@@ -260,17 +299,22 @@ def main(argv=None) -> int:
     n_files = sum(len(spec["files"]) for spec in fileset.values())
     n_events = sum(spec["metadata"]["nevts"] for spec in fileset.values())
     size = sum(os.path.getsize(p) for spec in fileset.values() for p in spec["files"])
-    print(f"fileset: {n_events:,} events in {n_files} files ({size / 1e9:.2f} GB), ready in "
-          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"fileset: {n_events:,} events in {n_files} files ({size / 1e9:.2f} GB), ready in "
+        f"{time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     _warm_page_cache(fileset)
 
     load_before = os.getloadavg()[0]
     rows, _ = run(names, fileset, agc, args.chunksize, args.repeat)
     print()
-    print(f"AGC ttbar, synthetic NanoAOD: {n_events:,} events in {n_files} files ({size / 1e9:.2f} GB), "
-          f"chunksize {args.chunksize:,}; {platform.node()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
-          f"best of {args.repeat}")
+    print(
+        f"AGC ttbar, synthetic NanoAOD: {n_events:,} events in {n_files} files ({size / 1e9:.2f} GB), "
+        f"chunksize {args.chunksize:,}; {platform.node()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+        f"best of {args.repeat}"
+    )
     print()
     print(markdown_table(rows))
     return 0 if all("failed" not in r for r in rows) else 1

@@ -51,12 +51,13 @@ def build_graph(paths: list[Path], events: int, step: int):
     from coffea.nanoevents import NanoAODSchema, NanoEventsFactory
 
     NanoAODSchema.warn_missing_crossrefs = False
-    spec = {str(p): {"object_path": "Events", "steps": [[s, min(s + step, events)] for s in range(0, events, step)]}
-            for p in paths}
+    spec = {
+        str(p): {"object_path": "Events", "steps": [[s, min(s + step, events)] for s in range(0, events, step)]}
+        for p in paths
+    }
     ev = NanoEventsFactory.from_root(spec, schemaclass=NanoAODSchema, mode="dask").events()
     jets = ev.Jet[(ev.Jet.pt > 30) & (abs(ev.Jet.eta) < 2.4)]
-    ht = hda.Hist.new.Reg(50, 0, 1500, name="ht").Weight().fill(ht=dak.sum(jets.pt, axis=1),
-                                                                 weight=ev.genWeight)
+    ht = hda.Hist.new.Reg(50, 0, 1500, name="ht").Weight().fill(ht=dak.sum(jets.pt, axis=1), weight=ev.genWeight)
     njet = hda.Hist.new.Reg(12, 0, 12, name="n").Double().fill(n=dak.num(jets, axis=1))
     lead = jets[dak.num(jets, axis=1) > 0]
     pt1 = hda.Hist.new.Reg(50, 0, 500, name="pt").Double().fill(pt=lead.pt[:, 0])
@@ -74,16 +75,37 @@ def timed(compute, repeat: int) -> tuple[float, object]:
 
 
 def start_mqexec_workers(prefix: str, secret: str, log_dir: Path) -> list[subprocess.Popen]:
-    env = {**os.environ, "MQEXEC_QUEUE_PREFIX": prefix, "MQEXEC_SECRET": secret,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "MQEXEC_QUEUE_PREFIX": prefix,
+        "MQEXEC_SECRET": secret,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     procs = []
     for n in range(WORKERS):
         log = open(log_dir / f"worker{n}.log", "wb")  # noqa: SIM115 - lives as long as the worker
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mqexec", "worker", "--broker", BROKER, "--concurrency", "1",
-             "--hostname", f"bench{n}-{prefix}@local", "--loglevel", "WARNING"],
-            env={**env, "MQEXEC_CACHE_DIR": str(log_dir / f"cache{n}")}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mqexec",
+                    "worker",
+                    "--broker",
+                    BROKER,
+                    "--concurrency",
+                    "1",
+                    "--hostname",
+                    f"bench{n}-{prefix}@local",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                env={**env, "MQEXEC_CACHE_DIR": str(log_dir / f"cache{n}")},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return procs
 
 
@@ -112,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     dask.config.set({"awkward.optimization.which": ["columns"]})  # see docs/benchmarks.md, "dask graph"
     data = Path(args.data_dir)
     processes = ["ttbar", "wjets", "single_top_t_chan"]
-    paths = [write_nanoaod(data / f"f{i}.root", args.events, seed=i, process=processes[i % 3])
-             for i in range(args.files)]
+    paths = [
+        write_nanoaod(data / f"f{i}.root", args.events, seed=i, process=processes[i % 3]) for i in range(args.files)
+    ]
     *outputs, npart = build_graph(paths, args.events, args.step)
     expected = dask.compute(*outputs, scheduler="sync")
     rows = []
@@ -123,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # dask's multiprocessing scheduler
     wall, out = timed(lambda: dask.compute(*outputs, scheduler="processes", num_workers=WORKERS), args.repeat)
-    rows.append(("dask `scheduler=\"processes\"` (2 processes)", wall, "-", check(out)))
+    rows.append(('dask `scheduler="processes"` (2 processes)', wall, "-", check(out)))
 
     # distributed
     import distributed
 
-    with distributed.LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         wall, out = timed(lambda: dask.compute(*outputs, scheduler=client.get), args.repeat)
         rows.append(("distributed, LocalCluster(2 workers x 1 thread)", wall, "{dask_tasks} tasks", check(out)))
 
@@ -152,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         stop(workers)
 
     n_events = args.files * args.events
-    print(f"\n{args.files} files x {args.events} events = {n_events} events, {npart} partitions; "
-          f"best of {args.repeat}; Python {platform.python_version()}, dask {dask.__version__}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\n{args.files} files x {args.events} events = {n_events} events, {npart} partitions; "
+        f"best of {args.repeat}; Python {platform.python_version()}, dask {dask.__version__}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n"
+    )
     ref = rows[1][1]
     print("| scheduler | wall time [s] | vs distributed | messages per compute | same output |")
     print("|---|---:|---:|---|---|")

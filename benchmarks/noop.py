@@ -43,10 +43,31 @@ def run_mqexec(broker: str, tasks: int, roundtrips: int) -> dict[str, dict[str, 
     import mqexec
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "MQEXEC_SECRET": "bench-secret", "MQEXEC_QUEUE_PREFIX": prefix,
-           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
-    workers = [subprocess.Popen([sys.executable, "-m", "mqexec", "worker", "--broker", broker, "--concurrency", "1",
-                                 "--loglevel", "WARNING"], env=env, start_new_session=True) for _ in range(2)]
+    env = {
+        **os.environ,
+        "MQEXEC_SECRET": "bench-secret",
+        "MQEXEC_QUEUE_PREFIX": prefix,
+        "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+    }
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mqexec",
+                "worker",
+                "--broker",
+                broker,
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "WARNING",
+            ],
+            env=env,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     try:
         with mqexec.Client(broker, secret="bench-secret", queue_prefix=prefix) as client:
             out = {"mqexec (batched map)": measure(client, tasks, roundtrips)}
@@ -70,8 +91,10 @@ def run_embedded(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
 def run_dask(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         return {"distributed.Client, LocalCluster(2x1)": measure(client, tasks, roundtrips)}
 
 
@@ -81,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roundtrips", type=int, default=300)
     parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672//")
     args = parser.parse_args(argv)
-    rows = {**run_mqexec(args.broker, args.tasks, args.roundtrips),
-            **run_embedded(args.tasks, args.roundtrips), **run_dask(args.tasks, args.roundtrips)}
+    rows = {
+        **run_mqexec(args.broker, args.tasks, args.roundtrips),
+        **run_embedded(args.tasks, args.roundtrips),
+        **run_dask(args.tasks, args.roundtrips),
+    }
     print(f"\n{args.tasks} no-op tasks through map+gather; {args.roundtrips} sequential submit().result()")
     print(f"{'path':42} {'tasks/s':>9} {'p50 ms':>8} {'p90 ms':>8}")
     for name, r in rows.items():
@@ -90,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     dask = rows["distributed.Client, LocalCluster(2x1)"]
     for name in ("mqexec (batched map)", "mqexec (batch_size=1)", "mqexec embedded default (1 worker x 2)"):
         r = rows[name]
-        print(f"{name}: throughput {r['tasks_per_s'] / dask['tasks_per_s']:.2f}x dask, "
-              f"p50 latency {dask['p50_ms'] / r['p50_ms']:.2f}x better, p90 {dask['p90_ms'] / r['p90_ms']:.2f}x better")
+        print(
+            f"{name}: throughput {r['tasks_per_s'] / dask['tasks_per_s']:.2f}x dask, "
+            f"p50 latency {dask['p50_ms'] / r['p50_ms']:.2f}x better, p90 {dask['p90_ms'] / r['p90_ms']:.2f}x better"
+        )
     return 0
 
 

@@ -1,10 +1,10 @@
 """mqexec: run coffea and dask work on workers that can only connect out, through a message broker.
 
-    import mqexec
-    with mqexec.Client() as client:                      # embedded default; or Client("amqps://...")
-        print(client.submit(lambda x: x + 1, 41).result())
+import mqexec
+with mqexec.Client() as client:                      # embedded default; or Client("amqps://...")
+    print(client.submit(lambda x: x + 1, 41).result())
 
-    from mqexec import MQExecutor                        # coffea: Runner(executor=MQExecutor())
+from mqexec import MQExecutor                        # coffea: Runner(executor=MQExecutor())
 """
 
 from __future__ import annotations
@@ -28,9 +28,25 @@ from .errors import (
 from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, as_completed, wait
 
 __all__ = [
-    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "BrokerError", "Client", "Config", "ConfigError",
-    "DiracWorkers", "EnvironmentMismatch", "Future", "MQExecError", "MQExecutor", "NoWorkerError",
-    "RemoteError", "SerializationError", "SignatureError", "TaskDeadLettered", "__version__", "as_completed",
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
+    "BrokerError",
+    "Client",
+    "Config",
+    "ConfigError",
+    "DiracWorkers",
+    "EnvironmentMismatch",
+    "Future",
+    "MQExecError",
+    "MQExecutor",
+    "NoWorkerError",
+    "RemoteError",
+    "SerializationError",
+    "SignatureError",
+    "TaskDeadLettered",
+    "__version__",
+    "as_completed",
     "wait",
 ]
 

@@ -63,8 +63,9 @@ def transport_of(url: str) -> Transport:
         return _TRANSPORTS[scheme]
     near = difflib.get_close_matches(scheme, _TRANSPORTS, n=1)
     hint = f"; did you mean {near[0]}://?" if near else ""
-    raise ConfigError(f"unknown broker scheme {scheme!r} in {redact(url)}{hint} "
-                      f"(mqexec speaks {', '.join(sorted(_TRANSPORTS))})")
+    raise ConfigError(
+        f"unknown broker scheme {scheme!r} in {redact(url)}{hint} (mqexec speaks {', '.join(sorted(_TRANSPORTS))})"
+    )
 
 
 def redact(url: str) -> str:
@@ -90,10 +91,18 @@ def task_queue(cfg: Config, resource: str | None = None) -> Queue:
     name = queue_name(cfg, resource)
     args: dict[str, Any] = {}
     if transport_of(cfg.broker_url or "filesystem://").quorum:
-        args = {"x-queue-type": "quorum", "x-delivery-limit": cfg.delivery_limit,
-                "x-dead-letter-exchange": f"{cfg.queue_prefix}.dlx"}
-    return Queue(name, Exchange(cfg.queue_prefix, type="direct", durable=True), routing_key=name,
-                 durable=True, queue_arguments=args)
+        args = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": cfg.delivery_limit,
+            "x-dead-letter-exchange": f"{cfg.queue_prefix}.dlx",
+        }
+    return Queue(
+        name,
+        Exchange(cfg.queue_prefix, type="direct", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments=args,
+    )
 
 
 def dead_letter_queues(cfg: Config, reply_to: str | None = None) -> list[Queue]:
@@ -101,13 +110,23 @@ def dead_letter_queues(cfg: Config, reply_to: str | None = None) -> list[Queue]:
     from kombu import Exchange, Queue
 
     dlx = Exchange(f"{cfg.queue_prefix}.dlx", type="headers", durable=True)
-    dead = Queue(f"{cfg.queue_prefix}.dead", dlx, durable=True, binding_arguments={"x-match": "all"},
-                 queue_arguments={"x-max-length": 10_000})
+    dead = Queue(
+        f"{cfg.queue_prefix}.dead",
+        dlx,
+        durable=True,
+        binding_arguments={"x-match": "all"},
+        queue_arguments={"x-max-length": 10_000},
+    )
     if reply_to is None:
         return [dead]
-    mine = Queue(reply_to, dlx, durable=True, auto_delete=False,
-                 binding_arguments={"x-match": "all", REPLY_HEADER: reply_to},
-                 queue_arguments={"x-expires": int(cfg.results_expire * 1000)})
+    mine = Queue(
+        reply_to,
+        dlx,
+        durable=True,
+        auto_delete=False,
+        binding_arguments={"x-match": "all", REPLY_HEADER: reply_to},
+        queue_arguments={"x-expires": int(cfg.results_expire * 1000)},
+    )
     return [dead, mine]
 
 
@@ -128,13 +147,17 @@ def kombu_connection_args(cfg: Config) -> tuple[str, dict[str, Any]]:
         from . import fstransport  # noqa: F401 - registers the mqfs:// transport with kombu
 
         root = Path(urlsplit(url).path or ".")
-        folders = {"data_folder_in": str(root / "queue"), "data_folder_out": str(root / "queue"),
-                   "control_folder": str(root / "control"), "polling_interval": 0.01}
+        folders = {
+            "data_folder_in": str(root / "queue"),
+            "data_folder_out": str(root / "queue"),
+            "control_folder": str(root / "control"),
+            "polling_interval": 0.01,
+        }
         for d in ("queue", "control"):
             (root / d).mkdir(parents=True, exist_ok=True)
         return "mqfs://localhost/", folders
     if urlsplit(url).scheme == "amqp":
-        url = "pyamqp" + url[len("amqp"):]
+        url = "pyamqp" + url[len("amqp") :]
     return url, {"confirm_publish": True}
 
 

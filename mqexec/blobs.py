@@ -29,8 +29,14 @@ def blob_queue_name(prefix: str, digest: str) -> str:
 def _blob_queue(prefix: str, digest: str, expires: float) -> Any:
     from kombu import Queue
 
-    return Queue(blob_queue_name(prefix, digest), exchange="", routing_key=blob_queue_name(prefix, digest),
-                 durable=True, auto_delete=False, queue_arguments={"x-expires": int(expires * 1000)})
+    return Queue(
+        blob_queue_name(prefix, digest),
+        exchange="",
+        routing_key=blob_queue_name(prefix, digest),
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-expires": int(expires * 1000)},
+    )
 
 
 def put_blob(conn: Connection, prefix: str, data: bytes, digest: str, expires: float) -> None:
@@ -42,9 +48,15 @@ def put_blob(conn: Connection, prefix: str, data: bytes, digest: str, expires: f
     if not count:
         from kombu import Producer
 
-        Producer(channel).publish(data, exchange="", routing_key=queue.name, serializer=None,
-                                  content_type="application/octet-stream", content_encoding="binary",
-                                  delivery_mode=2)
+        Producer(channel).publish(
+            data,
+            exchange="",
+            routing_key=queue.name,
+            serializer=None,
+            content_type="application/octet-stream",
+            content_encoding="binary",
+            delivery_mode=2,
+        )
 
 
 def _declare(bound_queue: Any) -> tuple[str, int, int]:
@@ -99,8 +111,10 @@ class BlobCache:
     def _fetch(self, conn: Connection, digest: str) -> bytes:
         name = blob_queue_name(self.prefix, digest)
         channel = conn.channel()
-        gone = MQExecError(f"payload {digest[:12]} is not on the broker (queue {name}): "
-                           "the client that sent it is gone, or its session expired")
+        gone = MQExecError(
+            f"payload {digest[:12]} is not on the broker (queue {name}): "
+            "the client that sent it is gone, or its session expired"
+        )
         try:
             deadline = time.monotonic() + self.timeout
             while True:

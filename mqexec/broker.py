@@ -26,8 +26,7 @@ def connect(cfg: Config, *, heartbeat: float = 0) -> Connection:
     from kombu import Connection
 
     url, options = kombu_connection_args(cfg)
-    conn = Connection(url, transport_options=options, connect_timeout=cfg.connect_timeout,
-                      heartbeat=heartbeat)
+    conn = Connection(url, transport_options=options, connect_timeout=cfg.connect_timeout, heartbeat=heartbeat)
     try:
         conn.connect()
     except Exception as exc:
@@ -43,18 +42,24 @@ def explain(exc: BaseException, cfg: Config) -> BrokerError:
     where = f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
     name = type(exc).__name__
     if name == "AccessRefused" or "ACCESS_REFUSED" in str(exc):
-        return BrokerError(f"broker {redact(url)} refused the login of user {unquote(parts.username or '')!r}: "
-                           "wrong user name or password")
+        return BrokerError(
+            f"broker {redact(url)} refused the login of user {unquote(parts.username or '')!r}: "
+            "wrong user name or password"
+        )
     if name == "NotAllowed" or "NOT_ALLOWED" in str(exc):
         vhost = unquote(parts.path[1:] or "/")
-        return BrokerError(f"broker {redact(url)} does not let this user into vhost {vhost!r}: "
-                           "wrong vhost, or no permissions on it")
+        return BrokerError(
+            f"broker {redact(url)} does not let this user into vhost {vhost!r}: wrong vhost, or no permissions on it"
+        )
     if isinstance(exc, ConnectionRefusedError):
-        return BrokerError(f"nothing accepts connections at {where} ({redact(url)}): "
-                           "is the broker running, and is the port right?")
+        return BrokerError(
+            f"nothing accepts connections at {where} ({redact(url)}): is the broker running, and is the port right?"
+        )
     if isinstance(exc, socket.gaierror):
         return BrokerError(f"cannot resolve the broker host {parts.hostname!r} in {redact(url)}")
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return BrokerError(f"no answer from {where} within {cfg.connect_timeout:g} s ({redact(url)}): "
-                           "a firewall, or the wrong host or port?")
+        return BrokerError(
+            f"no answer from {where} within {cfg.connect_timeout:g} s ({redact(url)}): "
+            "a firewall, or the wrong host or port?"
+        )
     return BrokerError(f"cannot connect to the broker {redact(url)}: {name}: {exc}")

@@ -1,8 +1,8 @@
 """``mqexec``: the command line.
 
-    mqexec worker --broker amqps://user:pw@host:5671/vhost --concurrency 8 --idle-timeout 600 --max-walltime 47h
-    mqexec status --broker URL        # queue depths and connected workers
-    mqexec flower --broker URL        # Celery Flower on this app's events (web UI on localhost:5555)
+mqexec worker --broker amqps://user:pw@host:5671/vhost --concurrency 8 --idle-timeout 600 --max-walltime 47h
+mqexec status --broker URL        # queue depths and connected workers
+mqexec flower --broker URL        # Celery Flower on this app's events (web UI on localhost:5555)
 """
 
 from __future__ import annotations
@@ -18,11 +18,16 @@ def _worker(args: argparse.Namespace) -> int:
     from .config import Config
     from .worker import run_worker
 
-    cfg = Config.load(broker_url=args.broker, concurrency=args.concurrency, resources=args.resources,
-                      idle_timeout=args.idle_timeout, max_walltime=args.max_walltime,
-                      drain_margin=args.drain_margin, env=args.env)
-    return run_worker(cfg, hostname=args.hostname, loglevel=args.loglevel,
-                      exit_with_parent=args.exit_with_parent)
+    cfg = Config.load(
+        broker_url=args.broker,
+        concurrency=args.concurrency,
+        resources=args.resources,
+        idle_timeout=args.idle_timeout,
+        max_walltime=args.max_walltime,
+        drain_margin=args.drain_margin,
+        env=args.env,
+    )
+    return run_worker(cfg, hostname=args.hostname, loglevel=args.loglevel, exit_with_parent=args.exit_with_parent)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -50,8 +55,9 @@ def _flower(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mqexec", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mqexec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("worker", help="run a worker: connect out to the broker, run tasks")

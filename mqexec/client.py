@@ -127,14 +127,27 @@ class Client:
         self._collector.start()
         self._collector.ready.wait(self.config.connect_timeout + 5)
         self.status = "running"
-        log.info("client %s connected to %s (queue %s)", self.session, redact(self.config.broker_url or ""),
-                 queue_name(self.config))
+        log.info(
+            "client %s connected to %s (queue %s)",
+            self.session,
+            redact(self.config.broker_url or ""),
+            queue_name(self.config),
+        )
 
     # -- public API ---------------------------------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], *args: Any, key: str | None = None, pure: bool = True,
-               retries: int = 0, priority: int = 0, resources: dict[str, float] | None = None,
-               label: str | None = None, **kwargs: Any) -> Future:
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        key: str | None = None,
+        pure: bool = True,
+        retries: int = 0,
+        priority: int = 0,
+        resources: dict[str, float] | None = None,
+        label: str | None = None,
+        **kwargs: Any,
+    ) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; returns its :class:`Future`.
 
         >>> client.submit(lambda x: x + 1, 41).result()    # doctest: +SKIP
@@ -152,13 +165,31 @@ class Client:
         Raises:
             SerializationError: ``fn`` or an argument cannot be pickled (names which).
         """
-        return self._submit(fn, [(args, kwargs)], [key] if key else None, pure, retries, priority,
-                            resources, [label] if label else None, batch_size=1)[0]
+        return self._submit(
+            fn,
+            [(args, kwargs)],
+            [key] if key else None,
+            pure,
+            retries,
+            priority,
+            resources,
+            [label] if label else None,
+            batch_size=1,
+        )[0]
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], key: str | list[str] | None = None,
-            pure: bool = True, retries: int = 0, priority: int = 0,
-            resources: dict[str, float] | None = None, batch_size: int | None = None,
-            labels: list[str] | None = None, **kwargs: Any) -> list[Future]:
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: str | list[str] | None = None,
+        pure: bool = True,
+        retries: int = 0,
+        priority: int = 0,
+        resources: dict[str, float] | None = None,
+        batch_size: int | None = None,
+        labels: list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[Future]:
         """``fn`` over the zipped iterables, one future per call.
 
         Small calls are batched into fewer broker messages (``batch_size``; default: about 200 messages per
@@ -241,8 +272,11 @@ class Client:
                 msg = self._inflight.get(f.key)
                 sent = self._messages.get(msg) if msg is not None else None
                 self._landed(f.key)
-                if msg is not None and sent is not None and all(
-                        self._states.get(k, f._state).status == "cancelled" for k in sent.keys):
+                if (
+                    msg is not None
+                    and sent is not None
+                    and all(self._states.get(k, f._state).status == "cancelled" for k in sent.keys)
+                ):
                     revoke.append(msg)
         if revoke:
             self._app.control.revoke(revoke)
@@ -315,10 +349,18 @@ class Client:
         except Exception as exc:
             raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from None
 
-    def _submit(self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                keys: list[str] | None, pure: bool, retries: int, priority: int,
-                resources: dict[str, float] | None, labels: list[str] | None,
-                batch_size: int) -> list[Future]:
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        keys: list[str] | None,
+        pure: bool,
+        retries: int,
+        priority: int,
+        resources: dict[str, float] | None,
+        labels: list[str] | None,
+        batch_size: int,
+    ) -> list[Future]:
         if self.status == "closed":
             raise RuntimeError("this client is closed")
         if not callable(fn):
@@ -409,11 +451,12 @@ class Client:
         with self._lock:
             queue = self._queue_for(resource)
             for start in range(0, len(calls), batch_size):
-                batch = tuple(calls[start:start + batch_size])
+                batch = tuple(calls[start : start + batch_size])
                 msg_id = batch[0].key if len(batch) == 1 else f"batch-{uuid.uuid4().hex}"
                 envelope = TaskEnvelope(msg_id, self._env, fn, batch, self.reply_to, self.config.lake_url)
-                self._messages[msg_id] = _Sent([c.key for c in batch], resource,
-                                               envelope if self._local is not None else None)
+                self._messages[msg_id] = _Sent(
+                    [c.key for c in batch], resource, envelope if self._local is not None else None
+                )
                 for c in batch:
                     self._inflight[c.key] = msg_id
                 self._send(envelope, queue)
@@ -421,10 +464,16 @@ class Client:
     def _send(self, envelope: TaskEnvelope, queue: Any) -> None:
         first = envelope.calls[0].label
         self._app.send_task(
-            TASK_NAME, args=[envelope.encode(self.config.secret)], task_id=envelope.id, queue=queue,
-            headers={REPLY_HEADER: self.reply_to}, connection=self._conn,
+            TASK_NAME,
+            args=[envelope.encode(self.config.secret)],
+            task_id=envelope.id,
+            queue=queue,
+            headers={REPLY_HEADER: self.reply_to},
+            connection=self._conn,
             argsrepr=first if len(envelope.calls) == 1 else f"{len(envelope.calls)} calls: {first} ...",
-            kwargsrepr="{}", shadow=first.split("(", 1)[0])
+            kwargsrepr="{}",
+            shadow=first.split("(", 1)[0],
+        )
 
     def _put_blob(self, data: bytes, digest: str) -> str:
         with self._lock:
@@ -478,9 +527,11 @@ class Client:
         return cloudpickle.loads(outcome.data or b"")
 
     def _dead_lettered(self, task: TaskEnvelope, reason: str, count: Any) -> None:
-        why = {"delivery_limit": f"it was delivered {count or 'too many'} times and its worker died every "
-                                 "time (a crash, out of memory, or os._exit in the task?)",
-               "rejected": "a worker rejected it (bad signature or malformed envelope)"}.get(reason, reason)
+        why = {
+            "delivery_limit": f"it was delivered {count or 'too many'} times and its worker died every "
+            "time (a crash, out of memory, or os._exit in the task?)",
+            "rejected": "a worker rejected it (bad signature or malformed envelope)",
+        }.get(reason, reason)
         for call in task.calls:
             with self._lock:
                 self._landed(call.key)
@@ -544,8 +595,10 @@ class Client:
             resources = {self._messages[m].resource for m in set(self._inflight.values())}
         try:
             with connect(self.config) as conn:
-                counts = {r: task_queue(self.config, r)(conn.default_channel).queue_declare(passive=True)[2]
-                          for r in resources}
+                counts = {
+                    r: task_queue(self.config, r)(conn.default_channel).queue_declare(passive=True)[2]
+                    for r in resources
+                }
         except Exception as exc:
             log.debug("worker check failed: %s", exc)
             return
@@ -559,12 +612,17 @@ class Client:
         served = sorted({q for qs in served_by.values() for q in qs})
         names = ", ".join(queue_name(self.config, r) for r in idle)
         if not served:
-            log.warning("no worker is connected yet; tasks wait in %s (start one: mqexec worker --broker %s)",
-                        names, redact(self.config.broker_url or ""))
+            log.warning(
+                "no worker is connected yet; tasks wait in %s (start one: mqexec worker --broker %s)",
+                names,
+                redact(self.config.broker_url or ""),
+            )
             return
-        error = NoWorkerError(f"no worker serves {names} (this client: Python {self._env['python']}, "
-                              f"env {self.config.env}); the {len(served_by)} connected worker(s) serve: "
-                              f"{', '.join(served)}")
+        error = NoWorkerError(
+            f"no worker serves {names} (this client: Python {self._env['python']}, "
+            f"env {self.config.env}); the {len(served_by)} connected worker(s) serve: "
+            f"{', '.join(served)}"
+        )
         log.error("%s", error)
         self._fail_inflight(lambda resource: resource in idle, error)
 

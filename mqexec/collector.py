@@ -50,8 +50,13 @@ class Collector(threading.Thread):
             try:
                 with connect(self.client.config) as conn:
                     queue = self.client.results_queue(conn.default_channel)
-                    with Consumer(conn.default_channel, queues=[queue], on_message=self._on_message,
-                                  prefetch_count=200, no_ack=False):
+                    with Consumer(
+                        conn.default_channel,
+                        queues=[queue],
+                        on_message=self._on_message,
+                        prefetch_count=200,
+                        no_ack=False,
+                    ):
                         self.ready.set()
                         backoff = 0.5
                         while not self._stop_event.is_set():
@@ -94,8 +99,7 @@ class Collector(threading.Thread):
             args = json.loads(message.body)[0]
             task = TaskEnvelope.decode(args[0], self.client.config.secret)
         except (SignatureError, ValueError, IndexError, KeyError, TypeError):
-            log.error("a dead-lettered message that this client did not sign arrived (reason %s): dropped",
-                      reason)
+            log.error("a dead-lettered message that this client did not sign arrived (reason %s): dropped", reason)
             return
         self.last_progress = time.monotonic()
         self.client._dead_lettered(task, reason, deaths[0].get("count"))

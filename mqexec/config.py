@@ -82,9 +82,7 @@ class Config:
     no_worker_grace: float = 5.0  #: how long a client waits before saying no worker serves its env
     lake_url: str | None = None  #: data lake for big results (file://, root://, davs://)
     result_inline_limit: int = 1 << 20  #: results above this go to the lake, when one is configured
-    cache_dir: str = field(
-        default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "mqexec")
-    )
+    cache_dir: str = field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "mqexec"))
 
     @classmethod
     def load(cls, **given: Any) -> Config:
@@ -114,8 +112,15 @@ class Config:
 
     @classmethod
     def _validated(cls, v: dict[str, Any]) -> Config:
-        for name in ("idle_timeout", "max_walltime", "drain_margin", "connect_timeout", "heartbeat",
-                     "results_expire", "no_worker_grace"):
+        for name in (
+            "idle_timeout",
+            "max_walltime",
+            "drain_margin",
+            "connect_timeout",
+            "heartbeat",
+            "results_expire",
+            "no_worker_grace",
+        ):
             if name in v:
                 v[name] = parse_duration(v[name])
         for name in ("concurrency", "delivery_limit", "inline_limit", "result_inline_limit"):

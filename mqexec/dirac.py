@@ -153,8 +153,10 @@ def verify_chain(pems: Sequence[str], user: Any, ca_dir: str) -> Any:
         try:
             cert.verify_directly_issued_by(chain[i + 1])
         except Exception as exc:  # InvalidSignature, or a name/key-type mismatch (ValueError, TypeError)
-            raise BootError(f"proxy {cert.subject.rfc4514_string()} is not signed by the next certificate: "
-                            f"{exc or type(exc).__name__}") from None
+            raise BootError(
+                f"proxy {cert.subject.rfc4514_string()} is not signed by the next certificate: "
+                f"{exc or type(exc).__name__}"
+            ) from None
     ee = _end_entity(chain)
     if ee.subject != user.subject:
         raise BootError(f"chain belongs to {ee.subject.rfc4514_string()}, not to {user.subject.rfc4514_string()}")
@@ -204,8 +206,9 @@ def seal(public_key: Any, plaintext: bytes, aad: bytes) -> dict[str, str]:
         ephemeral = ec.generate_private_key(public_key.curve)
         shared = ephemeral.exchange(ec.ECDH(), public_key)
         key = HKDF(hashes.SHA256(), 32, None, _KDF_INFO).derive(shared)
-        wrapped = ephemeral.public_key().public_bytes(serialization.Encoding.X962,
-                                                      serialization.PublicFormat.UncompressedPoint)
+        wrapped = ephemeral.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
         alg = "ecdh"
     else:
         raise BootError(f"cannot seal to a {type(public_key).__name__}")
@@ -234,8 +237,9 @@ def _sign(private_key: Any, data: bytes) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
     if isinstance(private_key, rsa.RSAPrivateKey):
-        return _b64(private_key.sign(data, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH),
-                                     hashes.SHA256()))
+        return _b64(
+            private_key.sign(data, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH), hashes.SHA256())
+        )
     return _b64(private_key.sign(data, ec.ECDSA(hashes.SHA256())))
 
 
@@ -246,8 +250,12 @@ def _verify_signature(public_key: Any, data: bytes, signature: str) -> None:
 
     try:
         if isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(base64.b64decode(signature), data,
-                              padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH), hashes.SHA256())
+            public_key.verify(
+                base64.b64decode(signature),
+                data,
+                padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH),
+                hashes.SHA256(),
+            )
         else:
             public_key.verify(base64.b64decode(signature), data, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError) as exc:
@@ -289,8 +297,16 @@ class KeyService:
     >>> service.start(); ...; service.stop()                                           # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Config, queue: str, me: Identity, ca_dir: str, payload: Mapping[str, str],
-                 poll: float = 0.2, expires: float = 86400.0) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        queue: str,
+        me: Identity,
+        ca_dir: str,
+        payload: Mapping[str, str],
+        poll: float = 0.2,
+        expires: float = 86400.0,
+    ) -> None:
         self.cfg, self.queue, self.me, self.ca_dir, self.payload = cfg, queue, me, ca_dir, dict(payload)
         self.poll, self.expires = poll, expires
         self.answered = self.refused = 0
@@ -300,8 +316,9 @@ class KeyService:
     def _queue(self) -> Any:
         from kombu import Queue
 
-        return Queue(self.queue, durable=True, auto_delete=False,
-                     queue_arguments={"x-expires": int(self.expires * 1000)})
+        return Queue(
+            self.queue, durable=True, auto_delete=False, queue_arguments={"x-expires": int(self.expires * 1000)}
+        )
 
     def start(self) -> None:
         """Declare the run's boot queue (before any job can say hello) and start answering."""
@@ -334,16 +351,20 @@ class KeyService:
 
     def _handle(self, hello: Any, producer: Any) -> None:
         try:
-            if not isinstance(hello, dict) or not re.fullmatch(rf"{re.escape(self.queue)}\.[0-9a-f]{{32}}",
-                                                                str(hello.get("reply_to", ""))):
+            if not isinstance(hello, dict) or not re.fullmatch(
+                rf"{re.escape(self.queue)}\.[0-9a-f]{{32}}", str(hello.get("reply_to", ""))
+            ):
                 raise BootError("malformed hello")
             reply = answer_hello(hello, self.me, self.ca_dir, self.payload)
             self.answered += 1
             log.info("key service: sealed credentials for job %s", hello.get("job", "?"))
         except (BootError, KeyError, TypeError, ValueError) as exc:
             self.refused += 1
-            log.warning("key service: refused a hello from job %s: %s",
-                        hello.get("job", "?") if isinstance(hello, dict) else "?", exc)
+            log.warning(
+                "key service: refused a hello from job %s: %s",
+                hello.get("job", "?") if isinstance(hello, dict) else "?",
+                exc,
+            )
             if not isinstance(hello, dict) or "reply_to" not in hello:
                 return
             reply = {"v": 1, "error": str(exc)}
@@ -373,14 +394,14 @@ def boot(argv: Sequence[str], *, timeout: float = 900.0) -> dict[str, str]:
     try:
         url, queue = os.environ[BOOT_URL_ENV], os.environ[BOOT_QUEUE_ENV]
     except KeyError as exc:
-        raise BootError(f"${exc.args[0]} is not set: this command runs inside a job submitted by DiracWorkers"
-                        ) from None
+        raise BootError(
+            f"${exc.args[0]} is not set: this command runs inside a job submitted by DiracWorkers"
+        ) from None
     me = Identity.load()
     ca_dir = os.environ.get("X509_CERT_DIR", "/etc/grid-security/certificates")
     nonce = secrets.token_hex(16)
     reply_to = f"{queue}.{nonce}"
-    hello = {"v": 1, "job": os.environ.get("DIRACJOBID", "?"), "nonce": nonce, "reply_to": reply_to,
-             "chain": me.pems()}
+    hello = {"v": 1, "job": os.environ.get("DIRACJOBID", "?"), "nonce": nonce, "reply_to": reply_to, "chain": me.pems()}
     with connect(Config.load(broker_url=url)) as conn:
         channel = conn.channel()
         mine = Queue(reply_to, exclusive=True, auto_delete=True)(channel)
@@ -389,8 +410,10 @@ def boot(argv: Sequence[str], *, timeout: float = 900.0) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while (message := mine.get(no_ack=True, accept=["json"])) is None:
             if time.monotonic() > deadline:
-                raise BootError(f"no credentials from the submitter within {timeout:g} s: is the DiracWorkers "
-                                "(or `mqexec submit dirac`) that submitted this job still running?")
+                raise BootError(
+                    f"no credentials from the submitter within {timeout:g} s: is the DiracWorkers "
+                    "(or `mqexec submit dirac`) that submitted this job still running?"
+                )
             time.sleep(0.5)
     secret = open_reply(message.payload, me, ca_dir, nonce)
     env = {k: v for k, v in os.environ.items() if k != BOOT_URL_ENV}
@@ -416,8 +439,14 @@ class _StaticBootstrap:
         pass
 
 
-def rabbitmq_bootstrap(management_url: str, admin: tuple[str, str], *, amqp_url: str | None = None,
-                       vhost: str | None = None, verify: str | bool = True) -> Callable[..., SecretIssuer]:
+def rabbitmq_bootstrap(
+    management_url: str,
+    admin: tuple[str, str],
+    *,
+    amqp_url: str | None = None,
+    vhost: str | None = None,
+    verify: str | bool = True,
+) -> Callable[..., SecretIssuer]:
     """A per-run bootstrap user, made through RabbitMQ's management API (deleted on close).
 
     >>> DiracWorkers(url, broker=broker, bootstrap=rabbitmq_bootstrap("https://broker:15671", ("adm", pw)))
@@ -436,9 +465,16 @@ def rabbitmq_bootstrap(management_url: str, admin: tuple[str, str], *, amqp_url:
         parts = urlsplit(broker_url)
         host = parts.hostname or "localhost"
         netloc = f"{host}:{parts.port}" if parts.port else host
-        return RabbitMQUserIssuer(management_url, admin=admin, amqp_url=amqp_url or f"{parts.scheme}://{netloc}/{{vhost}}",
-                                  vhost=vhost or _vhost(broker_url), env_name=BOOT_URL_ENV, prefix="mqexec-boot",
-                                  verify=verify, **permissions)
+        return RabbitMQUserIssuer(
+            management_url,
+            admin=admin,
+            amqp_url=amqp_url or f"{parts.scheme}://{netloc}/{{vhost}}",
+            vhost=vhost or _vhost(broker_url),
+            env_name=BOOT_URL_ENV,
+            prefix="mqexec-boot",
+            verify=verify,
+            **permissions,
+        )
 
     return make
 
@@ -454,8 +490,12 @@ class _RecordingPool:
     """Builds a :class:`dirac_submit.JobPool` whose submissions are written to the state file."""
 
     @staticmethod
-    def make(transport: Transport, template: Any, secrets_: SecretIssuer, on_submit: Callable[[list[int]], None],
-             ) -> Any:
+    def make(
+        transport: Transport,
+        template: Any,
+        secrets_: SecretIssuer,
+        on_submit: Callable[[list[int]], None],
+    ) -> Any:
         from dirac_submit import JobPool
 
         class Pool(JobPool):
@@ -490,28 +530,47 @@ class DiracWorkers:
         state_file: where the run's job ids are kept for ``mqexec jobs``.
     """
 
-    def __init__(self, url: str, *, broker: str | None = None,
-                 bootstrap: str | Callable[..., SecretIssuer] | None = None,
-                 transport: str = "tornado", proxy: str | None = None, ca_dir: str | None = None,
-                 sites: Sequence[str] = (), cores: int = 1, tags: Sequence[str] = (), image: str | None = None,
-                 walltime: str | float = "24h", idle_timeout: str | float | None = "10m",
-                 secret: str | bytes | None = None, config: Config | None = None,
-                 command: Sequence[str] = ("mqexec",), boot_timeout: float = 900.0,
-                 state_file: str | os.PathLike[str] | None = None, name: str = "mqexec") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        broker: str | None = None,
+        bootstrap: str | Callable[..., SecretIssuer] | None = None,
+        transport: str = "tornado",
+        proxy: str | None = None,
+        ca_dir: str | None = None,
+        sites: Sequence[str] = (),
+        cores: int = 1,
+        tags: Sequence[str] = (),
+        image: str | None = None,
+        walltime: str | float = "24h",
+        idle_timeout: str | float | None = "10m",
+        secret: str | bytes | None = None,
+        config: Config | None = None,
+        command: Sequence[str] = ("mqexec",),
+        boot_timeout: float = 900.0,
+        state_file: str | os.PathLike[str] | None = None,
+        name: str = "mqexec",
+    ) -> None:
         from dirac_submit import JobTemplate, find_ca
 
         if secret is None:  # the configured key only when a config is given; else a key for this run alone
             secret = config.secret if config is not None and config.secret else secrets.token_hex(32)
-        cfg = (config or Config.load()).replace(broker_url=broker or (config or Config.load()).broker_url,
-                                                 secret=secret)
+        cfg = (config or Config.load()).replace(
+            broker_url=broker or (config or Config.load()).broker_url, secret=secret
+        )
         if cfg.broker_url is None or not urlsplit(cfg.broker_url).scheme.startswith("amqp"):
-            raise ConfigError("DiracWorkers needs a RabbitMQ the grid can reach: pass broker='amqps://user:pw@host/"
-                              "vhost' or set MQEXEC_BROKER_URL")
+            raise ConfigError(
+                "DiracWorkers needs a RabbitMQ the grid can reach: pass broker='amqps://user:pw@host/"
+                "vhost' or set MQEXEC_BROKER_URL"
+            )
         if bootstrap is None:
-            raise ConfigError("DiracWorkers needs a bootstrap account for the jobs to fetch their sealed "
-                              "credentials with: bootstrap=rabbitmq_bootstrap(management_url, admin=(user, pw)) "
-                              "(a user per run) or bootstrap='amqps://boot:pw@host/vhost' (a standing account "
-                              "allowed only the permissions in docs/dirac.md)")
+            raise ConfigError(
+                "DiracWorkers needs a bootstrap account for the jobs to fetch their sealed "
+                "credentials with: bootstrap=rabbitmq_bootstrap(management_url, admin=(user, pw)) "
+                "(a user per run) or bootstrap='amqps://boot:pw@host/vhost' (a standing account "
+                "allowed only the permissions in docs/dirac.md)"
+            )
         self.cfg = cfg
         self.run = f"{int(time.time()):x}{secrets.token_hex(3)}"
         self.boot_queue = f"{cfg.queue_prefix}.boot.{self.run}"
@@ -530,17 +589,29 @@ class DiracWorkers:
             worker_args += ["--max-walltime", f"{walltime_s:g}"]
         self.template = JobTemplate(
             command=[*command, "dirac-boot", "--timeout", f"{boot_timeout:g}", *worker_args],
-            name=f"{name}-{self.run}", sites=list(sites), processors=cores, tags=list(tags), image=image,
+            name=f"{name}-{self.run}",
+            sites=list(sites),
+            processors=cores,
+            tags=list(tags),
+            image=image,
             environment={BOOT_QUEUE_ENV: self.boot_queue, "MQEXEC_QUEUE_PREFIX": cfg.queue_prefix},
         )
-        issuer = (_StaticBootstrap(bootstrap) if isinstance(bootstrap, str)
-                  else bootstrap(self.bootstrap_permissions(), cfg.broker_url))
-        self.pool = _RecordingPool.make(make_transport(url, transport, proxy=self.proxy, ca_dir=self.ca_dir),
-                                        self.template, issuer, self._record)
-        self.keys = KeyService(cfg, self.boot_queue, self.me, self.ca_dir,
-                               {"broker_url": cfg.broker_url, "secret": cfg.secret.decode(),
-                                "queue_prefix": cfg.queue_prefix},
-                               expires=max(walltime_s or 0, 86400.0))
+        issuer = (
+            _StaticBootstrap(bootstrap)
+            if isinstance(bootstrap, str)
+            else bootstrap(self.bootstrap_permissions(), cfg.broker_url)
+        )
+        self.pool = _RecordingPool.make(
+            make_transport(url, transport, proxy=self.proxy, ca_dir=self.ca_dir), self.template, issuer, self._record
+        )
+        self.keys = KeyService(
+            cfg,
+            self.boot_queue,
+            self.me,
+            self.ca_dir,
+            {"broker_url": cfg.broker_url, "secret": cfg.secret.decode(), "queue_prefix": cfg.queue_prefix},
+            expires=max(walltime_s or 0, 86400.0),
+        )
         self._started = False
         self._closed = False
 
@@ -562,9 +633,17 @@ class DiracWorkers:
 
     def _record(self, ids: list[int]) -> None:
         def add(state: dict[str, Any]) -> None:
-            run = state.setdefault("runs", {}).setdefault(self.run, {
-                "url": self.url, "transport": self.transport_name, "proxy": self.proxy, "ca_dir": self.ca_dir,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "jobs": []})
+            run = state.setdefault("runs", {}).setdefault(
+                self.run,
+                {
+                    "url": self.url,
+                    "transport": self.transport_name,
+                    "proxy": self.proxy,
+                    "ca_dir": self.ca_dir,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "jobs": [],
+                },
+            )
             run["jobs"] = sorted(set(run["jobs"]) | set(ids))
 
         update_state(self.state_file, add)
@@ -576,16 +655,30 @@ class DiracWorkers:
         self._start()
         self.pool.scale(jobs)
 
-    def adapt(self, minimum: int = 0, maximum: int = 100, *, tasks_per_worker: int | None = None,
-              interval: float = 10.0, cooldown: float = 60.0, stuck_after: float = 600.0) -> Any:
+    def adapt(
+        self,
+        minimum: int = 0,
+        maximum: int = 100,
+        *,
+        tasks_per_worker: int | None = None,
+        interval: float = 10.0,
+        cooldown: float = 60.0,
+        stuck_after: float = 600.0,
+    ) -> Any:
         """Follow the task queue: ``ceil(waiting tasks / tasks_per_worker)`` jobs within ``[minimum, maximum]``.
 
         ``tasks_per_worker`` defaults to ``4 * cores``. Returns the running ``dirac_submit.Adaptive``.
         """
         self._start()
         per = tasks_per_worker or 4 * self.cores
-        return self.pool.adapt(minimum, maximum, demand=lambda: self.demand(per), interval=interval,
-                               cooldown=cooldown, stuck_after=stuck_after)
+        return self.pool.adapt(
+            minimum,
+            maximum,
+            demand=lambda: self.demand(per),
+            interval=interval,
+            cooldown=cooldown,
+            stuck_after=stuck_after,
+        )
 
     def queue_depth(self) -> int:
         """Tasks waiting in this environment's task queue (0 when it does not exist yet)."""
@@ -640,8 +733,13 @@ class DiracWorkers:
         self.close()
 
 
-def make_transport(url: str, kind: str = "tornado", *, proxy: str | None = None, ca_dir: str | None = None,
-                   ) -> Transport:
+def make_transport(
+    url: str,
+    kind: str = "tornado",
+    *,
+    proxy: str | None = None,
+    ca_dir: str | None = None,
+) -> Transport:
     """``TornadoTransport`` or ``DiracXTransport`` by name (``tornado``/``diracx``)."""
     from dirac_submit import DiracXTransport, TornadoTransport
 
@@ -713,8 +811,11 @@ def register_cli(subparsers: Any) -> None:
     """Add ``submit dirac``, ``jobs`` and the in-job ``dirac-boot`` to mqexec's command line."""
     submit = subparsers.add_parser("submit", help="start workers on a batch system")
     where = submit.add_subparsers(dest="system", required=True)
-    d = where.add_parser("dirac", help="mqexec workers as DIRAC jobs (stays in the foreground: it hands the jobs "
-                                       "their sealed credentials; Ctrl-C kills them)")
+    d = where.add_parser(
+        "dirac",
+        help="mqexec workers as DIRAC jobs (stays in the foreground: it hands the jobs "
+        "their sealed credentials; Ctrl-C kills them)",
+    )
     d.add_argument("--jobs", type=int, required=True)
     d.add_argument("--url", default=os.environ.get("DIRAC_URL"), help="DIRAC server (default $DIRAC_URL)")
     d.add_argument("--transport", choices=["tornado", "diracx"], default="tornado")
@@ -729,8 +830,11 @@ def register_cli(subparsers: Any) -> None:
     d.add_argument("--idle-timeout", default="10m")
     d.add_argument("--bootstrap", help="URL of a standing bootstrap account (see docs/dirac.md)")
     d.add_argument("--management-url", help="RabbitMQ management API: make a bootstrap user per run")
-    d.add_argument("--management-user", default="admin",
-                   help="its admin user; password from $MQEXEC_RABBITMQ_ADMIN_PASSWORD or a prompt")
+    d.add_argument(
+        "--management-user",
+        default="admin",
+        help="its admin user; password from $MQEXEC_RABBITMQ_ADMIN_PASSWORD or a prompt",
+    )
     d.add_argument("--queue-prefix")
     d.add_argument("--worker-command", default="mqexec", help="how jobs start mqexec, e.g. 'python3 -m mqexec'")
     d.add_argument("--poll", type=float, default=30.0, help="seconds between status polls")
@@ -768,13 +872,26 @@ def _cli_submit(args: argparse.Namespace) -> int:
     bootstrap: str | Callable[..., SecretIssuer] | None = args.bootstrap
     if bootstrap is None and args.management_url:
         password = os.environ.get("MQEXEC_RABBITMQ_ADMIN_PASSWORD") or getpass.getpass(
-            f"RabbitMQ management password for {args.management_user}: ")
+            f"RabbitMQ management password for {args.management_user}: "
+        )
         bootstrap = rabbitmq_bootstrap(args.management_url, (args.management_user, password))
     cfg = Config.load(broker_url=args.broker, queue_prefix=args.queue_prefix).with_secret()
-    workers = DiracWorkers(args.url, bootstrap=bootstrap, transport=args.transport, proxy=args.proxy,
-                           ca_dir=args.ca_dir, sites=_split(args.site), tags=_split(args.tags), cores=args.cores,
-                           image=args.image, walltime=args.walltime, idle_timeout=args.idle_timeout, config=cfg,
-                           command=shlex.split(args.worker_command))
+    workers = DiracWorkers(
+        args.url,
+        bootstrap=bootstrap,
+        transport=args.transport,
+        proxy=args.proxy,
+        ca_dir=args.ca_dir,
+        sites=_split(args.site),
+        tags=_split(args.tags),
+        cores=args.cores,
+        image=args.image,
+        walltime=args.walltime,
+        idle_timeout=args.idle_timeout,
+        config=cfg,
+        command=shlex.split(args.worker_command),
+    )
+
     def interrupted(*_: object) -> None:
         raise KeyboardInterrupt
 
@@ -782,9 +899,11 @@ def _cli_submit(args: argparse.Namespace) -> int:
     try:
         workers.scale(args.jobs)
         ids = [j.job_id for j in workers.pool.jobs()]
-        print(f"run {workers.run}: submitted {len(ids)} job(s) {' '.join(map(str, ids))} to {args.url}; "
-              "handing out their credentials until they end (Ctrl-C kills them; `mqexec jobs` shows them)",
-              flush=True)
+        print(
+            f"run {workers.run}: submitted {len(ids)} job(s) {' '.join(map(str, ids))} to {args.url}; "
+            "handing out their credentials until they end (Ctrl-C kills them; `mqexec jobs` shows them)",
+            flush=True,
+        )
         workers.wait(poll=args.poll)
         print(f"run {workers.run}: every job has ended", flush=True)
     except KeyboardInterrupt:
@@ -827,8 +946,16 @@ def _cli_jobs(args: argparse.Namespace) -> int:
         states = transport.status(rec["jobs"])
         for job_id in rec["jobs"]:
             s = states.get(job_id)
-            rows.append((str(job_id), s.site if s else "?", s.status if s else "unknown to DIRAC",
-                         s.minor_status if s else "", _fmt(s.since if s else None), run))
+            rows.append(
+                (
+                    str(job_id),
+                    s.site if s else "?",
+                    s.status if s else "unknown to DIRAC",
+                    s.minor_status if s else "",
+                    _fmt(s.since if s else None),
+                    run,
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -843,12 +970,22 @@ def _cli_boot(args: argparse.Namespace) -> int:
         raise ConfigError("dirac-boot needs the command to run, e.g. dirac-boot worker --concurrency 8")
     env = boot(argv, timeout=args.timeout)
     if argv[0] == "worker" and "--hostname" not in argv:  # several jobs on one node need distinct names
-        argv += ["--hostname", f"mqexec-{default_env()}-{os.environ.get('DIRACJOBID', os.getpid())}@"
-                 f"{socket.gethostname()}"]
+        argv += [
+            "--hostname",
+            f"mqexec-{default_env()}-{os.environ.get('DIRACJOBID', os.getpid())}@{socket.gethostname()}",
+        ]
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", "mqexec", *argv], env)
     return 0  # not reached
 
 
-__all__ = ["BootError", "DiracWorkers", "Identity", "KeyService", "queue_depth", "rabbitmq_bootstrap",
-           "register_cli", "state_path"]
+__all__ = [
+    "BootError",
+    "DiracWorkers",
+    "Identity",
+    "KeyService",
+    "queue_depth",
+    "rabbitmq_bootstrap",
+    "register_cli",
+    "state_path",
+]

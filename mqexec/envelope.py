@@ -66,8 +66,10 @@ def _verified(wire: Any, secret: bytes, what: str) -> dict[str, Any]:
     body = {k: v for k, v in wire.items() if k != "sig"}
     expected = hmac.new(secret, _canonical(body), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, wire["sig"]):
-        raise SignatureError(f"{what} {body.get('id', '?')!r} has a bad signature: forged, tampered with, "
-                             "or signed with another key (check MQEXEC_SECRET on both sides)")
+        raise SignatureError(
+            f"{what} {body.get('id', '?')!r} has a bad signature: forged, tampered with, "
+            "or signed with another key (check MQEXEC_SECRET on both sides)"
+        )
     if body.get("v") != VERSION:
         raise SignatureError(f"{what} has envelope version {body.get('v')!r}; this mqexec speaks {VERSION}")
     return body
@@ -110,7 +112,11 @@ class TaskEnvelope:
 
     def encode(self, secret: bytes) -> dict[str, Any]:
         body = {
-            "v": self.v, "id": self.id, "env": self.env, "reply_to": self.reply_to, "lake": self.lake,
+            "v": self.v,
+            "id": self.id,
+            "env": self.env,
+            "reply_to": self.reply_to,
+            "lake": self.lake,
             "fn": {"hash": self.fn.hash, "size": self.fn.size, "inline": _b64(self.fn.inline)},
             "calls": [[c.key, c.label, _b64(c.payload), c.retries] for c in self.calls],
         }
@@ -161,9 +167,11 @@ class ResultEnvelope:
 
     def encode(self, secret: bytes) -> bytes:
         body = {
-            "v": self.v, "id": self.id, "worker": self.worker, "env": self.env,
-            "outcomes": [[o.key, o.ok, _b64(o.data), o.ref, o.traceback, o.error, o.seconds]
-                         for o in self.outcomes],
+            "v": self.v,
+            "id": self.id,
+            "worker": self.worker,
+            "env": self.env,
+            "outcomes": [[o.key, o.ok, _b64(o.data), o.ref, o.traceback, o.error, o.seconds] for o in self.outcomes],
         }
         return json.dumps(_sign(body, secret), separators=(",", ":")).encode()
 
@@ -175,8 +183,9 @@ class ResultEnvelope:
             raise SignatureError("result message is not JSON: not from an mqexec worker") from None
         b = _verified(wire, secret, "result")
         try:
-            outcomes = tuple(Outcome(k, bool(ok), _unb64(d), ref, tb, err, float(s))
-                             for k, ok, d, ref, tb, err, s in b["outcomes"])
+            outcomes = tuple(
+                Outcome(k, bool(ok), _unb64(d), ref, tb, err, float(s)) for k, ok, d, ref, tb, err, s in b["outcomes"]
+            )
             return cls(b["id"], b["worker"], outcomes, dict(b.get("env") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise SignatureError(f"result {b.get('id', '?')!r} is signed but malformed: {exc!r}") from None

@@ -104,14 +104,14 @@ class Executor:
         self.publish(task, ResultEnvelope(task.id, hostname, outcomes, self.env))
         failed = sum(not o.ok for o in outcomes)
         label = task.calls[0].label + (f" +{len(task.calls) - 1} more" if len(task.calls) > 1 else "")
-        log.info("ran %s in %.3f s%s", label, time.perf_counter() - started,
-                 f", {failed} failed" if failed else "")
+        log.info("ran %s in %.3f s%s", label, time.perf_counter() - started, f", {failed} failed" if failed else "")
 
     def run(self, task: TaskEnvelope) -> tuple[Outcome, ...]:
         if task.env.get("python") != self.env["python"]:
             exc = EnvironmentMismatch(
                 f"task {task.id} was pickled by Python {task.env.get('python')} but this worker runs Python "
-                f"{self.env['python']}: start workers with the client's Python (queue {self.cfg.env})")
+                f"{self.env['python']}: start workers with the client's Python (queue {self.cfg.env})"
+            )
             return self._failed_all(task, exc, "env")
         try:
             fn = self._function(task)
@@ -133,7 +133,8 @@ class Executor:
             except Exception as exc:
                 raise SerializationError(
                     f"cannot unpickle the function of task {task.id} on this worker: "
-                    f"{type(exc).__name__}: {exc} (is the same package installed on the worker?)") from exc
+                    f"{type(exc).__name__}: {exc} (is the same package installed on the worker?)"
+                ) from exc
 
         if task.fn.inline is not None:
             return self.blobs.remember(task.fn.hash, lambda: load(task.fn.inline or b""))
@@ -159,18 +160,21 @@ class Executor:
         try:
             args, kwargs = self._resolve(cloudpickle.loads(call.payload), lake_url)
         except Exception as exc:
-            return Outcome(call.key, False, exception_bytes(exc), traceback=traceback.format_exc(),
-                           error="unpickle")
+            return Outcome(call.key, False, exception_bytes(exc), traceback=traceback.format_exc(), error="unpickle")
         for attempt in range(call.retries + 1):
             try:
                 value = fn(*args, **kwargs)
                 break
             except Exception as exc:
                 if attempt == call.retries:
-                    return Outcome(call.key, False, exception_bytes(exc), traceback=traceback.format_exc(),
-                                   seconds=time.perf_counter() - started)
-                log.info("%s raised %s: retry %d of %d", call.label, type(exc).__name__, attempt + 1,
-                         call.retries)
+                    return Outcome(
+                        call.key,
+                        False,
+                        exception_bytes(exc),
+                        traceback=traceback.format_exc(),
+                        seconds=time.perf_counter() - started,
+                    )
+                log.info("%s raised %s: retry %d of %d", call.label, type(exc).__name__, attempt + 1, call.retries)
         try:
             data = _dumps(value)
         except Exception as exc:
@@ -194,9 +198,17 @@ class Executor:
     def publish(self, task: TaskEnvelope, result: ResultEnvelope) -> None:
         body = result.encode(self.cfg.secret)
         with self.app.producer_or_acquire() as producer:
-            producer.publish(body, exchange="", routing_key=task.reply_to, serializer=None,
-                             content_type="application/x-mqexec-result", content_encoding="binary",
-                             delivery_mode=2, retry=True, retry_policy={"max_retries": 5})
+            producer.publish(
+                body,
+                exchange="",
+                routing_key=task.reply_to,
+                serializer=None,
+                content_type="application/x-mqexec-result",
+                content_encoding="binary",
+                delivery_mode=2,
+                retry=True,
+                retry_policy={"max_retries": 5},
+            )
 
 
 def register(app: Celery, cfg: Config) -> None:

@@ -199,16 +199,16 @@ FIRST_EXCEPTION = "FIRST_EXCEPTION"
 ALL_COMPLETED = "ALL_COMPLETED"
 
 
-def wait(fs: Iterable[Future], timeout: float | None = None,
-         return_when: str = ALL_COMPLETED) -> DoneAndNotDoneFutures:
+def wait(fs: Iterable[Future], timeout: float | None = None, return_when: str = ALL_COMPLETED) -> DoneAndNotDoneFutures:
     """Wait for futures, as ``distributed.wait``: raises ``TimeoutError`` if the condition is not met in time.
 
     >>> done, not_done = wait(futures, return_when=FIRST_COMPLETED)   # doctest: +SKIP
     """
     futures = set(fs)
     if return_when not in (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED):
-        raise ValueError(f"return_when must be one of FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED, "
-                         f"got {return_when!r}")
+        raise ValueError(
+            f"return_when must be one of FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED, got {return_when!r}"
+        )
     event = threading.Event()
 
     def satisfied() -> bool:
@@ -225,8 +225,9 @@ def wait(fs: Iterable[Future], timeout: float | None = None,
     while not satisfied():
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            raise TimeoutError(f"{sum(not f.done() for f in futures)} of {len(futures)} futures not done "
-                               f"after {timeout} s")
+            raise TimeoutError(
+                f"{sum(not f.done() for f in futures)} of {len(futures)} futures not done after {timeout} s"
+            )
         event.wait(remaining)
         event.clear()
     done = {f for f in futures if f.done()}
@@ -245,8 +246,13 @@ class as_completed(Iterator[Any]):
         timeout: seconds before ``TimeoutError`` is raised if the iteration is not over.
     """
 
-    def __init__(self, futures: Iterable[Future] = (), with_results: bool = False,
-                 timeout: float | None = None, raise_errors: bool = True) -> None:
+    def __init__(
+        self,
+        futures: Iterable[Future] = (),
+        with_results: bool = False,
+        timeout: float | None = None,
+        raise_errors: bool = True,
+    ) -> None:
         self._queue: queue.SimpleQueue[Future] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._count = 0

@@ -29,8 +29,7 @@ def _busy() -> bool:
     return bool(state.active_requests or state.reserved_requests)
 
 
-def watch(cfg: Config, started: float, *, parent: int | None = None,
-          tick: float = 0.5) -> threading.Thread | None:
+def watch(cfg: Config, started: float, *, parent: int | None = None, tick: float = 0.5) -> threading.Thread | None:
     """Start the watcher thread (if the config asks for idle exit or a walltime, or the worker is to exit
     with its ``parent`` process — the embedded default's workers) and return it."""
     drain_at = cfg.drain_at()
@@ -54,13 +53,18 @@ def watch(cfg: Config, started: float, *, parent: int | None = None,
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             if drain_at is not None and not draining and now - started >= drain_at:
-                log.info("walltime drain: %.0f s of %.0f s used, taking no more tasks, finishing the running "
-                         "ones", now - started, cfg.max_walltime)
+                log.info(
+                    "walltime drain: %.0f s of %.0f s used, taking no more tasks, finishing the running ones",
+                    now - started,
+                    cfg.max_walltime,
+                )
                 draining = True
                 os.kill(os.getpid(), signal.SIGTERM)
             if draining and cfg.max_walltime is not None and now - started >= max(cfg.max_walltime - 30, 0):
-                log.warning("walltime nearly reached with tasks still running: stopping hard; the broker "
-                            "gives them to another worker")
+                log.warning(
+                    "walltime nearly reached with tasks still running: stopping hard; the broker "
+                    "gives them to another worker"
+                )
                 os.kill(os.getpid(), signal.SIGQUIT)
                 return
 

@@ -43,15 +43,32 @@ class LocalCluster:
         self.restarts = 0
         for _ in range(n_workers):
             self._procs.append(self._start())
-        log.info("embedded default: %d local worker(s) x %d processes on %s", n_workers,
-                 self.config.concurrency, self.config.broker_url)
+        log.info(
+            "embedded default: %d local worker(s) x %d processes on %s",
+            n_workers,
+            self.config.concurrency,
+            self.config.broker_url,
+        )
 
     def _start(self) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "MQEXEC_SECRET": self.config.secret.decode(),
-               "MQEXEC_CACHE_DIR": os.path.join(self.directory, "cache")}
-        cmd = [sys.executable, "-m", "mqexec", "worker", "--broker", self.config.broker_url or "",
-               "--concurrency", str(self.config.concurrency), "--exit-with-parent",
-               "--loglevel", os.environ.get("MQEXEC_LOCAL_LOGLEVEL", "WARNING")]
+        env = {
+            **os.environ,
+            "MQEXEC_SECRET": self.config.secret.decode(),
+            "MQEXEC_CACHE_DIR": os.path.join(self.directory, "cache"),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "mqexec",
+            "worker",
+            "--broker",
+            self.config.broker_url or "",
+            "--concurrency",
+            str(self.config.concurrency),
+            "--exit-with-parent",
+            "--loglevel",
+            os.environ.get("MQEXEC_LOCAL_LOGLEVEL", "WARNING"),
+        ]
         # stdout carries only Celery's shutdown banners ("Hitting Ctrl+C again ..."); the log is on stderr
         return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
 
@@ -64,8 +81,10 @@ class LocalCluster:
             if code is None:
                 continue
             if self.restarts >= max_restarts:
-                return restarted, (f"the embedded default's local worker exited with code {code} "
-                                   f"{self.restarts + 1} times (its log is above)")
+                return restarted, (
+                    f"the embedded default's local worker exited with code {code} "
+                    f"{self.restarts + 1} times (its log is above)"
+                )
             log.warning("local worker exited with code %s: restarting it", code)
             self.restarts += 1
             self._procs[i] = self._start()

@@ -87,9 +87,7 @@ PROCESSES: dict[str, ProcessModel] = {
     "wjets": ProcessModel(
         xsec=15487.16, lepton_probs=(0.33, 0.67, 0.0), isr_mean=0.9, b_isr_frac=0.04, neg_weight_frac=0.15
     ),
-    "single_top_t_chan": ProcessModel(
-        xsec=214.2, lepton_probs=(0.67, 0.33, 0.0), isr_mean=1.0, b_isr_frac=0.03
-    ),
+    "single_top_t_chan": ProcessModel(xsec=214.2, lepton_probs=(0.67, 0.33, 0.0), isr_mean=1.0, b_isr_frac=0.03),
 }
 
 _F4 = np.float32
@@ -469,9 +467,7 @@ def generate_block(
 
     # Jet -> lepton cross references, in the written (sorted) order of both collections
     def lepton_refs(order, counts, jet_global):
-        local_sorted = np.arange(len(order)) - np.repeat(
-            np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
-        )
+        local_sorted = np.arange(len(order)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
         return _first_two_per_target(int(j_offsets[-1]), jet_global[order], local_sorted)
 
     mu1, mu2, n_mu_in_jet = lepton_refs(mu_order, mu_counts, mu_jet_global)
@@ -562,9 +558,7 @@ def generate_block(
         {"*": 8},
     )
 
-    events = np.arange(
-        first_event + block * BLOCK_SIZE, first_event + block * BLOCK_SIZE + n, dtype=np.uint64
-    )
+    events = np.arange(first_event + block * BLOCK_SIZE, first_event + block * BLOCK_SIZE + n, dtype=np.uint64)
     gen_weight = np.where(rng.random(n) < model.neg_weight_frac, -1.0, 1.0).astype(_F4)
     return {
         "run": np.ones(n, dtype=np.uint32),
@@ -612,9 +606,7 @@ def _compression():
     return uproot.LZ4(1)
 
 
-def write_nanoaod(
-    path, n_events: int, *, seed: int = 0, process: str = "ttbar", first_event: int = 1
-) -> Path:
+def write_nanoaod(path, n_events: int, *, seed: int = 0, process: str = "ttbar", first_event: int = 1) -> Path:
     """Write ``n_events`` synthetic NanoAOD events of ``process`` to the ROOT file ``path`` (tree
     ``Events``) and return its path.
 
@@ -756,9 +748,7 @@ def main(argv=None) -> int:
 
     ``python -m mqexec.synthetic /tmp/agc --files 8 --events 125000 [--seed 0] [--processes ttbar wjets]``
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m mqexec.synthetic", description=main.__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m mqexec.synthetic", description=main.__doc__.splitlines()[0])
     parser.add_argument("outdir", help="directory for the ROOT files (created if missing)")
     parser.add_argument("--files", type=int, default=8, help="files per process (default: 8)")
     parser.add_argument("--events", type=int, default=125_000, help="events per file (default: 125000)")

@@ -49,19 +49,28 @@ def __getattr__(name: str) -> type:
 
 def setup_logging(level: str = "INFO") -> None:
     """One line per event on stderr; Celery's own per-task lines are quietened (mqexec logs one per task)."""
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    for noisy in ("celery.app.trace", "celery.worker.strategy", "celery.worker.consumer.mingle",
-                  "celery.worker.consumer.connection", "kombu.mixins"):
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+    )
+    for noisy in (
+        "celery.app.trace",
+        "celery.worker.strategy",
+        "celery.worker.consumer.mingle",
+        "celery.worker.consumer.connection",
+        "kombu.mixins",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_worker(cfg: Config, *, hostname: str | None = None, loglevel: str = "INFO",
-               exit_with_parent: bool = False) -> int:
+def run_worker(
+    cfg: Config, *, hostname: str | None = None, loglevel: str = "INFO", exit_with_parent: bool = False
+) -> int:
     """Run a worker until it is stopped, idles out or drains for its walltime; returns the exit code."""
     if not cfg.secret:
-        raise ConfigError("this worker has no signing key, so it would trust no task: set MQEXEC_SECRET (or "
-                          "MQEXEC_SECRET_FILE) to the key the client signs with")
+        raise ConfigError(
+            "this worker has no signing key, so it would trust no task: set MQEXEC_SECRET (or "
+            "MQEXEC_SECRET_FILE) to the key the client signs with"
+        )
     if cfg.broker_url is None:
         raise ConfigError("no broker: pass --broker URL or set MQEXEC_BROKER_URL")
     setup_logging(loglevel)
@@ -87,15 +96,28 @@ def run_worker(cfg: Config, *, hostname: str | None = None, loglevel: str = "INF
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        log.info("worker %s consuming %s from %s, concurrency %d%s%s", name, ", ".join(queues),
-                 redact(cfg.broker_url or ""), cfg.concurrency,
-                 f", idle timeout {cfg.idle_timeout:g} s" if cfg.idle_timeout is not None else "",
-                 f", drains at {cfg.drain_at():g} s" if cfg.max_walltime is not None else "")
+        log.info(
+            "worker %s consuming %s from %s, concurrency %d%s%s",
+            name,
+            ", ".join(queues),
+            redact(cfg.broker_url or ""),
+            cfg.concurrency,
+            f", idle timeout {cfg.idle_timeout:g} s" if cfg.idle_timeout is not None else "",
+            f", drains at {cfg.drain_at():g} s" if cfg.max_walltime is not None else "",
+        )
         watch(cfg, started, parent=os.getppid() if exit_with_parent else None)
 
-    worker = app.Worker(hostname=name, pool="prefork", concurrency=cfg.concurrency, queues=queues,
-                        loglevel=loglevel, quiet=True, without_gossip=True, without_mingle=True,
-                        optimization="fair")
+    worker = app.Worker(
+        hostname=name,
+        pool="prefork",
+        concurrency=cfg.concurrency,
+        queues=queues,
+        loglevel=loglevel,
+        quiet=True,
+        without_gossip=True,
+        without_mingle=True,
+        optimization="fair",
+    )
     worker.start()
     code = worker.exitcode or 0
     log.info("worker %s stopped (exit code %d)", name, code)

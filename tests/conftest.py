@@ -25,10 +25,16 @@ from workerproc import ROOT, Worker
 
 def _private_rabbit(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port, dist = free_port(), free_port()
-    env = {**os.environ, "RABBITMQ_NODENAME": f"mqexec-test-{port}@localhost", "RABBITMQ_NODE_PORT": str(port),
-           "RABBITMQ_DIST_PORT": str(dist), "RABBITMQ_MNESIA_BASE": str(tmp / "mnesia"),
-           "RABBITMQ_LOG_BASE": str(tmp / "log"), "RABBITMQ_ENABLED_PLUGINS_FILE": str(tmp / "plugins"),
-           "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": f"mqexec-test-{port}@localhost",
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist),
+        "RABBITMQ_MNESIA_BASE": str(tmp / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(tmp / "log"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(tmp / "plugins"),
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+    }
     (tmp / "plugins").write_text("[].\n")
     proc = subprocess.Popen(["rabbitmq-server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -54,8 +60,11 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.terminate()
         proc.wait(30)
         return
-    pytest.fail("no broker: start RabbitMQ (`rabbitmq-server -detached`), install it (`apt-get install "
-                "rabbitmq-server`), or set MQEXEC_TEST_BROKER=amqp://user:pw@host:5672/vhost", pytrace=False)
+    pytest.fail(
+        "no broker: start RabbitMQ (`rabbitmq-server -detached`), install it (`apt-get install "
+        "rabbitmq-server`), or set MQEXEC_TEST_BROKER=amqp://user:pw@host:5672/vhost",
+        pytrace=False,
+    )
 
 
 @pytest.fixture
@@ -78,8 +87,12 @@ def prefix(broker_url: str) -> Iterator[str]:
 @pytest.fixture
 def settings(broker_url: str, prefix: str, tmp_path: Path) -> dict[str, object]:
     """Client settings for this test: the broker, its own queue prefix and signing key."""
-    return {"queue_prefix": prefix, "secret": f"test-{prefix}", "no_worker_grace": 2.0,
-            "cache_dir": str(tmp_path / "client-cache")}
+    return {
+        "queue_prefix": prefix,
+        "secret": f"test-{prefix}",
+        "no_worker_grace": 2.0,
+        "cache_dir": str(tmp_path / "client-cache"),
+    }
 
 
 @pytest.fixture
@@ -87,19 +100,31 @@ def start_worker(broker_url: str, settings: dict[str, object], tmp_path: Path) -
     """``start_worker("--concurrency", "2")`` → a ready :class:`Worker` for this test's broker and prefix."""
     workers: list[Worker] = []
 
-    def start(*args: str, broker: str | None = None, ready: bool = True, secret: str | None = None,
-              env: dict[str, str] | None = None) -> Worker:
+    def start(
+        *args: str,
+        broker: str | None = None,
+        ready: bool = True,
+        secret: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Worker:
         n = len(workers)
-        environ = {**os.environ, "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
-                   "MQEXEC_SECRET": secret if secret is not None else str(settings["secret"]),
-                   "MQEXEC_CACHE_DIR": str(tmp_path / f"worker{n}-cache"),
-                   "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-                   "MQEXEC_LAKE_URL": "", **(env or {})}
+        environ = {
+            **os.environ,
+            "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
+            "MQEXEC_SECRET": secret if secret is not None else str(settings["secret"]),
+            "MQEXEC_CACHE_DIR": str(tmp_path / f"worker{n}-cache"),
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+            "MQEXEC_LAKE_URL": "",
+            **(env or {}),
+        }
         if secret == "":
             environ.pop("MQEXEC_SECRET")
             environ["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")
-        worker = Worker(["--broker", broker or broker_url, "--hostname", f"w{n}-{settings['queue_prefix']}@test",
-                         *args], environ, tmp_path / f"worker{n}.log")
+        worker = Worker(
+            ["--broker", broker or broker_url, "--hostname", f"w{n}-{settings['queue_prefix']}@test", *args],
+            environ,
+            tmp_path / f"worker{n}.log",
+        )
         workers.append(worker)
         return worker.wait_ready() if ready else worker
 

@@ -181,8 +181,9 @@ def _client_bytes_sent(client) -> int:
     import subprocess
 
     port = client._conn.connection.sock.getsockname()[1]
-    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "peer_port", "recv_oct"],
-                         capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "peer_port", "recv_oct"], capture_output=True, text=True, timeout=30
+    ).stdout
     for line in out.splitlines():
         fields = line.split()
         if len(fields) == 2 and fields[0] == str(port):

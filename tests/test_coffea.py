@@ -84,8 +84,9 @@ def reference(fileset: dict) -> tuple[dict, dict]:
 
 
 def _run(fileset: dict, executor, processor=None, **runner_kw):
-    runner = coffea_processor.Runner(executor=executor, schema=NanoAODSchema, chunksize=CHUNKSIZE,
-                                     savemetrics=True, metadata_cache={}, **runner_kw)
+    runner = coffea_processor.Runner(
+        executor=executor, schema=NanoAODSchema, chunksize=CHUNKSIZE, savemetrics=True, metadata_cache={}, **runner_kw
+    )
     previous = NanoAODSchema.warn_missing_crossrefs
     try:
         return runner(fileset, processor_instance=processor or agc.TtbarAnalysis(), treename="Events")
@@ -220,8 +221,10 @@ def test_bad_files_skipped_or_named(fileset, reference, client, start_worker, tm
     truncated = tmp_path / "truncated.root"
     truncated.write_bytes(Path(good).read_bytes()[: Path(good).stat().st_size // 10])  # header intact
     missing = tmp_path / "missing.root"
-    bad = {"files": {str(truncated): "Events", str(missing): "Events"},
-           "metadata": dict(fileset["ttbar__nominal"]["metadata"])}
+    bad = {
+        "files": {str(truncated): "Events", str(missing): "Events"},
+        "metadata": dict(fileset["ttbar__nominal"]["metadata"]),
+    }
     with_bad = {**fileset, "bad__nominal": bad}
 
     with warnings.catch_warnings(record=True) as caught:
@@ -236,16 +239,22 @@ def test_bad_files_skipped_or_named(fileset, reference, client, start_worker, tm
     # without skipbadfiles the run stops with the original error, naming the file
     started = time.monotonic()
     with pytest.raises(OSError) as info:
-        _run({"bad__nominal": {**bad, "files": {str(truncated): "Events"}}},
-             MQExecutor(client=client, status=False, retries=1))
+        _run(
+            {"bad__nominal": {**bad, "files": {str(truncated): "Events"}}},
+            MQExecutor(client=client, status=False, retries=1),
+        )
     assert "bad__nominal/truncated.root [" in "\n".join(info.value.__notes__)
     assert time.monotonic() - started < 60  # generous: a hang would block until the test suite times out
 
     # use_result_type: the error comes back as Err, not raised
-    result = coffea_processor.Runner(executor=MQExecutor(client=client, status=False), schema=NanoAODSchema,
-                                     chunksize=CHUNKSIZE, skipbadfiles=True, use_result_type=True,
-                                     metadata_cache={})({"bad__nominal": bad}, processor_instance=agc.TtbarAnalysis(),
-                                                        treename="Events")
+    result = coffea_processor.Runner(
+        executor=MQExecutor(client=client, status=False),
+        schema=NanoAODSchema,
+        chunksize=CHUNKSIZE,
+        skipbadfiles=True,
+        use_result_type=True,
+        metadata_cache={},
+    )({"bad__nominal": bad}, processor_instance=agc.TtbarAnalysis(), treename="Events")
     assert isinstance(result, Err) and isinstance(result.exception, OSError)
 
 
@@ -256,12 +265,12 @@ def test_failing_chunk_is_named_and_recoverable(fileset, reference, client, star
     processor = FailingTtbar("single_top_t_chan__nominal_001.root", 5_000)  # the last chunk
     with pytest.raises(ZeroDivisionError, match="cursed") as info:
         _run(fileset, MQExecutor(client=client, status=False, retries=0), processor=processor)
-    assert ("mqexec: while running single_top_t_chan__nominal/single_top_t_chan__nominal_001.root "
-            "[5000-10000]") in info.value.__notes__
+    assert (
+        "mqexec: while running single_top_t_chan__nominal/single_top_t_chan__nominal_001.root [5000-10000]"
+    ) in info.value.__notes__
 
     with pytest.raises(ZeroDivisionError) as info:
-        _run(fileset, MQExecutor(client=client, status=False, retries=0, recoverable=True),
-             processor=processor)
+        _run(fileset, MQExecutor(client=client, status=False, retries=0, recoverable=True), processor=processor)
     partial = info.value.partial_output  # Runner attaches what the recoverable executor returned
     assert sum(partial["nevents"].values()) < sum(reference[0]["nevents"].values())
     assert all(partial["nevents"][d] <= n for d, n in reference[0]["nevents"].items() if d in partial["nevents"])

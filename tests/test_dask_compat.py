@@ -32,6 +32,7 @@ dask = pytest.importorskip("dask")
 
 # -- functions the workers run (module level: they pickle by reference, tests/ is on the workers' path) ----
 
+
 def inc(x: int) -> int:
     return x + 1
 
@@ -77,6 +78,7 @@ def length(x: Any) -> int:
 
 # -- the two backends ----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Backend:
     """A client and the module-level helpers of its library, so one test body drives both."""
@@ -93,8 +95,7 @@ class Backend:
 
 @pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[Any]:
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     yield cluster
     cluster.close()
 
@@ -110,15 +111,28 @@ def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
     tmp = tmp_path_factory.mktemp("mqcompat")
     prefix = f"mqt{uuid.uuid4().hex[:10]}"
-    settings = {"queue_prefix": prefix, "secret": f"test-{prefix}", "no_worker_grace": 2.0,
-                "cache_dir": str(tmp / "client-cache")}
+    settings = {
+        "queue_prefix": prefix,
+        "secret": f"test-{prefix}",
+        "no_worker_grace": 2.0,
+        "cache_dir": str(tmp / "client-cache"),
+    }
     workers = []
     for n in range(2):
-        env = {**os.environ, "MQEXEC_QUEUE_PREFIX": prefix, "MQEXEC_SECRET": settings["secret"],
-               "MQEXEC_CACHE_DIR": str(tmp / f"worker{n}-cache"),
-               "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-        workers.append(Worker(["--broker", broker_url, "--hostname", f"w{n}-{prefix}@test", "--concurrency", "1"],
-                              env, tmp / f"worker{n}.log"))
+        env = {
+            **os.environ,
+            "MQEXEC_QUEUE_PREFIX": prefix,
+            "MQEXEC_SECRET": settings["secret"],
+            "MQEXEC_CACHE_DIR": str(tmp / f"worker{n}-cache"),
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        }
+        workers.append(
+            Worker(
+                ["--broker", broker_url, "--hostname", f"w{n}-{prefix}@test", "--concurrency", "1"],
+                env,
+                tmp / f"worker{n}.log",
+            )
+        )
     try:
         for w in workers:
             w.wait_ready()
@@ -133,13 +147,29 @@ def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
 def _backend(request: pytest.FixtureRequest, broker_url: str) -> Backend:
     if request.param == "distributed":
         cluster = request.getfixturevalue("dask_cluster")
-        return Backend("distributed", None, distributed.as_completed, distributed.wait, "FIRST_COMPLETED",
-                       "ALL_COMPLETED", distributed.Future, lambda: distributed.Client(cluster))
+        return Backend(
+            "distributed",
+            None,
+            distributed.as_completed,
+            distributed.wait,
+            "FIRST_COMPLETED",
+            "ALL_COMPLETED",
+            distributed.Future,
+            lambda: distributed.Client(cluster),
+        )
     import mqexec
 
     settings = request.getfixturevalue("mq_settings")
-    return Backend("mqexec", None, mqexec.as_completed, mqexec.wait, mqexec.FIRST_COMPLETED,
-                   mqexec.ALL_COMPLETED, mqexec.Future, lambda: mqexec.Client(broker_url, **settings))
+    return Backend(
+        "mqexec",
+        None,
+        mqexec.as_completed,
+        mqexec.wait,
+        mqexec.FIRST_COMPLETED,
+        mqexec.ALL_COMPLETED,
+        mqexec.Future,
+        lambda: mqexec.Client(broker_url, **settings),
+    )
 
 
 @pytest.fixture(params=["distributed", "mqexec"])
@@ -163,6 +193,7 @@ def differs(backend: Backend, request: pytest.FixtureRequest, reason: str) -> No
 
 
 # -- futures ---------------------------------------------------------------------------------------------------
+
 
 def test_submit_map_gather(backend: Backend) -> None:
     c = backend.client
@@ -328,6 +359,7 @@ def test_scatter(backend: Backend) -> None:
 
 
 # -- dask collections ---------------------------------------------------------------------------------------
+
 
 def test_compute_collection_returns_future(backend: Backend) -> None:
     import dask.array as da

@@ -51,18 +51,19 @@ def _fresh_stats():
 
 # -- graph forms -------------------------------------------------------------------------------------------
 
+
 def test_every_task_spec_form_and_nested_keys(worker, client):
     big = np.arange(100_000)  # > 64 KiB: scattered once instead of copied into each chain
     dsk = {
-        "a": 1,                                                     # legacy literal
-        "b": (operator.add, "a", 2),                                # legacy tuple
-        "c": Task("c", operator.mul, TaskRef("b"), 10),             # Task + TaskRef
-        "d": Alias("d", "c"),                                       # Alias
-        "e": DataNode("e", [1, 2]),                                 # DataNode
-        "f": Task("f", operator.add, TaskRef("a"), TaskRef("c")),   # several TaskRefs
+        "a": 1,  # legacy literal
+        "b": (operator.add, "a", 2),  # legacy tuple
+        "c": Task("c", operator.mul, TaskRef("b"), 10),  # Task + TaskRef
+        "d": Alias("d", "c"),  # Alias
+        "e": DataNode("e", [1, 2]),  # DataNode
+        "f": Task("f", operator.add, TaskRef("a"), TaskRef("c")),  # several TaskRefs
         "big": DataNode("big", big),
         "g": Task("g", np.sum, TaskRef("big")),
-        ("x", 0): (double, "d"),                                    # tuple keys
+        ("x", 0): (double, "d"),  # tuple keys
         ("x", 1): (double, ("x", 0)),
     }
     out = client.get(dsk, ["d", ["a", "b", ["e"]], "f", "g", ("x", 1)])
@@ -96,13 +97,23 @@ class _NoSend:
     scatter = submit
 
 
-@pytest.mark.parametrize("dsk, message", [
-    ({"a": Task("a", abs, TaskRef("missing"))}, "'a' depends on 'missing'"),
-    ({"a": 1, "b": Task("b", abs, TaskRef("a"))}, "'nope' was asked for"),
-    ({"a": Task("a", abs, TaskRef("c")), "b": Task("b", abs, TaskRef("a")), "c": Task("c", abs, TaskRef("b")),
-      "out": Task("out", abs, TaskRef("c"))}, "cycle: "),
-    ({("p", 0): (operator.neg, ("p", 1)), ("p", 1): (operator.neg, ("p", 0))}, r"cycle: \('p', [01]\)"),
-])
+@pytest.mark.parametrize(
+    "dsk, message",
+    [
+        ({"a": Task("a", abs, TaskRef("missing"))}, "'a' depends on 'missing'"),
+        ({"a": 1, "b": Task("b", abs, TaskRef("a"))}, "'nope' was asked for"),
+        (
+            {
+                "a": Task("a", abs, TaskRef("c")),
+                "b": Task("b", abs, TaskRef("a")),
+                "c": Task("c", abs, TaskRef("b")),
+                "out": Task("out", abs, TaskRef("c")),
+            },
+            "cycle: ",
+        ),
+        ({("p", 0): (operator.neg, ("p", 1)), ("p", 1): (operator.neg, ("p", 0))}, r"cycle: \('p', [01]\)"),
+    ],
+)
 def test_bad_graphs_are_refused_before_anything_is_sent(dsk, message):
     keys = ["nope"] if "'nope'" in message else [next(iter(reversed(dsk)))]
     with pytest.raises(ValueError, match=message):
@@ -112,10 +123,11 @@ def test_bad_graphs_are_refused_before_anything_is_sent(dsk, message):
 
 # -- fusion ------------------------------------------------------------------------------------------------
 
+
 def _partitioned(n: int) -> Any:
     x = da.arange(n * 200, chunks=200)
     y = (x + 1) * 2 - x
-    return y.sum(), y.max(), (y ** 2).mean()
+    return y.sum(), y.max(), (y**2).mean()
 
 
 @pytest.mark.parametrize("n", [8, 32])
@@ -169,13 +181,16 @@ def test_client_compute_gives_a_future_of_the_final_value(worker, client):
 
 # -- coffea ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def nanoaod_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from mqexec.synthetic import write_nanoaod
 
     tmp = tmp_path_factory.mktemp("nanoaod")
-    return {"ttbar": write_nanoaod(tmp / "ttbar.root", 40_000, seed=1, process="ttbar"),
-            "wjets": write_nanoaod(tmp / "wjets.root", 20_000, seed=2, process="wjets")}
+    return {
+        "ttbar": write_nanoaod(tmp / "ttbar.root", 40_000, seed=1, process="ttbar"),
+        "wjets": write_nanoaod(tmp / "wjets.root", 20_000, seed=2, process="wjets"),
+    }
 
 
 @pytest.fixture
@@ -200,8 +215,9 @@ def test_coffea_nanoevents_dask_same_histograms_as_sync(worker, client, nanoaod_
     outputs = []
     for path, n_events in ((nanoaod_files["ttbar"], 40_000), (nanoaod_files["wjets"], 20_000)):
         steps = [[s, min(s + 5000, n_events)] for s in range(0, n_events, 5000)]
-        events = NanoEventsFactory.from_root({str(path): {"object_path": "Events", "steps": steps}},
-                                             schemaclass=NanoAODSchema, mode="dask").events()
+        events = NanoEventsFactory.from_root(
+            {str(path): {"object_path": "Events", "steps": steps}}, schemaclass=NanoAODSchema, mode="dask"
+        ).events()
         jets = events.Jet[(events.Jet.pt > 30) & (abs(events.Jet.eta) < 2.4)]
         ht = hda.Hist.new.Reg(25, 0, 1000, name="ht").Weight().fill(ht=dak.sum(jets.pt, axis=1))
         njet = hda.Hist.new.Reg(10, 0, 10, name="n").Double().fill(n=dak.num(jets, axis=1))

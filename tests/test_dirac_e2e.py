@@ -57,8 +57,15 @@ class RabbitmqctlBootstrap:
     def issue(self) -> dict[str, str]:
         self.user, password = f"mqexec-boot-test-{secrets.token_hex(4)}", secrets.token_hex(16)
         _ctl("add_user", self.user, password)
-        _ctl("set_permissions", "-p", "/", self.user, self.permissions["configure"], self.permissions["write"],
-             self.permissions["read"])
+        _ctl(
+            "set_permissions",
+            "-p",
+            "/",
+            self.user,
+            self.permissions["configure"],
+            self.permissions["write"],
+            self.permissions["read"],
+        )
         host = urlsplit(self.broker_url)
         return {BOOT_URL_ENV: f"amqp://{self.user}:{password}@{host.hostname}:{host.port or 5672}//"}
 
@@ -78,8 +85,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 @pytest.fixture
-def server(pki: PKI, tmp_path: Path, broker_url: str, settings: dict[str, object],
-           monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingServer]:
+def server(
+    pki: PKI, tmp_path: Path, broker_url: str, settings: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RecordingServer]:
     """The contract server; its payloads see what a DIRAC job sees (proxy, CA dir), and no signing key."""
     parts = urlsplit(broker_url)
     if shutil.which("rabbitmqctl") is None or parts.hostname != "127.0.0.1" or (parts.port or 5672) != 5672:
@@ -137,14 +145,22 @@ def _assert_no_secrets(jdls: list[str], broker_url: str, secret: str) -> None:
         assert BOOT_URL_ENV in jdl  # only the bootstrap account, which can do nothing but say hello
 
 
-def _workers(server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object],
-             tmp_path: Path, **kw: object) -> DiracWorkers:
+def _workers(
+    server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object], tmp_path: Path, **kw: object
+) -> DiracWorkers:
     options: dict[str, object] = {"sites": [SITE], "cores": 1, "walltime": "1h", "idle_timeout": "10m", **kw}
-    return DiracWorkers(server.url, broker=broker_url, bootstrap=RabbitmqctlBootstrap, proxy=str(pki.proxy),
-                        ca_dir=str(pki.ca_dir), secret=str(settings["secret"]),
-                        config=Config.load(queue_prefix=settings["queue_prefix"]),
-                        command=(sys.executable, "-m", "mqexec"), state_file=tmp_path / "state.json",
-                        **options)  # type: ignore[arg-type]
+    return DiracWorkers(
+        server.url,
+        broker=broker_url,
+        bootstrap=RabbitmqctlBootstrap,
+        proxy=str(pki.proxy),
+        ca_dir=str(pki.ca_dir),
+        secret=str(settings["secret"]),
+        config=Config.load(queue_prefix=settings["queue_prefix"]),
+        command=(sys.executable, "-m", "mqexec"),
+        state_file=tmp_path / "state.json",
+        **options,
+    )  # type: ignore[arg-type]
 
 
 def _square(x: int) -> tuple[int, str | None]:
@@ -166,8 +182,9 @@ def _coffea_processor() -> object:
     return CountMuons()
 
 
-def test_contract_scale_run_close(server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object],
-                                  client: object, tmp_path: Path) -> None:
+def test_contract_scale_run_close(
+    server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object], client: object, tmp_path: Path
+) -> None:
     """Contract test: scale(3) → 3 real workers boot with sealed credentials, a map and a coffea run complete
     on them, close() kills them; the JDL carries neither the broker password nor the signing key."""
     workers = _workers(server, pki, broker_url, settings, tmp_path)
@@ -187,10 +204,12 @@ def test_contract_scale_run_close(server: RecordingServer, pki: PKI, broker_url:
 
             from mqexec import MQExecutor
 
-            runner = processor.Runner(executor=MQExecutor(client=client, status=False), schema=BaseSchema,
-                                      chunksize=500)
-            out = runner({"HZZ": {"files": {str(HZZ): "events"}}}, processor_instance=_coffea_processor(),
-                         treename="events")
+            runner = processor.Runner(
+                executor=MQExecutor(client=client, status=False), schema=BaseSchema, chunksize=500
+            )
+            out = runner(
+                {"HZZ": {"files": {str(HZZ): "events"}}}, processor_instance=_coffea_processor(), treename="events"
+            )
             assert out["events"] == 2421 and out["muons"] > 0
 
         jobs = workers.jobs()
@@ -205,9 +224,14 @@ def test_contract_scale_run_close(server: RecordingServer, pki: PKI, broker_url:
     assert workers.pool.secrets.user is None  # the bootstrap user was deleted
 
 
-def test_contract_stranger_proxy_is_refused(server: RecordingServer, pki: PKI, broker_url: str,
-                                            settings: dict[str, object], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_contract_stranger_proxy_is_refused(
+    server: RecordingServer,
+    pki: PKI,
+    broker_url: str,
+    settings: dict[str, object],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Someone who read the JDL (bootstrap URL and all) but holds another person's proxy gets nothing."""
     workers = _workers(server, pki, broker_url, settings, tmp_path, idle_timeout=None)
     try:
@@ -226,8 +250,11 @@ def test_contract_stranger_proxy_is_refused(server: RecordingServer, pki: PKI, b
 def test_reply_forged_by_another_person_is_rejected(pki: PKI) -> None:
     """A reply sealed to the job but signed by someone else's proxy (e.g. a JDL reader with their own
     certificate, trying to point the worker at their broker with their key) is rejected."""
-    job, alice, mallory = Identity.load(str(pki.proxy)), Identity.load(str(pki.proxy)), Identity.load(
-        str(pki.stranger_proxy))
+    job, alice, mallory = (
+        Identity.load(str(pki.proxy)),
+        Identity.load(str(pki.proxy)),
+        Identity.load(str(pki.stranger_proxy)),
+    )
     hello = {"nonce": "ab" * 16, "chain": job.pems()}
     good = answer_hello(hello, alice, str(pki.ca_dir), {"broker_url": "amqp://x", "secret": "k"})
     assert open_reply(good, job, str(pki.ca_dir), "ab" * 16)["secret"] == "k"
@@ -239,8 +266,9 @@ def test_reply_forged_by_another_person_is_rejected(pki: PKI) -> None:
         open_reply(good, job, str(pki.ca_dir), "cd" * 16)
 
 
-def test_image_wraps_the_payload_in_apptainer(server: RecordingServer, pki: PKI, broker_url: str,
-                                              settings: dict[str, object], tmp_path: Path) -> None:
+def test_image_wraps_the_payload_in_apptainer(
+    server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object], tmp_path: Path
+) -> None:
     workers = _workers(server, pki, broker_url, settings, tmp_path, image="docker://registry/mqexec-worker:py3.11")
     try:
         jdl = workers.template.to_jdl(2)
@@ -251,21 +279,53 @@ def test_image_wraps_the_payload_in_apptainer(server: RecordingServer, pki: PKI,
         workers.close()
 
 
-def test_contract_cli_submit_jobs_kill(server: RecordingServer, pki: PKI, broker_url: str,
-                                       settings: dict[str, object], tmp_path: Path) -> None:
+def test_contract_cli_submit_jobs_kill(
+    server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object], tmp_path: Path
+) -> None:
     """Contract test of the CLI: ``mqexec submit dirac`` / ``mqexec jobs`` / ``mqexec jobs kill --all``."""
     prefix = str(settings["queue_prefix"])
-    boot_user = RabbitmqctlBootstrap({"configure": rf"^{prefix}\.boot\..+$", "write": r"^amq\.default$",
-                                      "read": rf"^{prefix}\.boot\..+$"}, broker_url)
+    boot_user = RabbitmqctlBootstrap(
+        {"configure": rf"^{prefix}\.boot\..+$", "write": r"^amq\.default$", "read": rf"^{prefix}\.boot\..+$"},
+        broker_url,
+    )
     boot_url = boot_user.issue()[BOOT_URL_ENV]
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "MQEXEC_SECRET": str(settings["secret"])}
     mqexec = [sys.executable, "-m", "mqexec"]
     submit = subprocess.Popen(
-        [*mqexec, "submit", "dirac", "--jobs", "2", "--url", server.url, "--proxy", str(pki.proxy),
-         "--ca-dir", str(pki.ca_dir), "--site", "LCG.UKI-SOUTHGRID-RALPP.uk,LCG.UKI-LT2-Brunel.uk", "--cores", "1",
-         "--broker", broker_url, "--bootstrap", boot_url, "--walltime", "1h", "--queue-prefix", prefix,
-         "--worker-command", f"{sys.executable} -m mqexec", "--poll", "0.5"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            *mqexec,
+            "submit",
+            "dirac",
+            "--jobs",
+            "2",
+            "--url",
+            server.url,
+            "--proxy",
+            str(pki.proxy),
+            "--ca-dir",
+            str(pki.ca_dir),
+            "--site",
+            "LCG.UKI-SOUTHGRID-RALPP.uk,LCG.UKI-LT2-Brunel.uk",
+            "--cores",
+            "1",
+            "--broker",
+            broker_url,
+            "--bootstrap",
+            boot_url,
+            "--walltime",
+            "1h",
+            "--queue-prefix",
+            prefix,
+            "--worker-command",
+            f"{sys.executable} -m mqexec",
+            "--poll",
+            "0.5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_consuming(server, 2)
         table = subprocess.run([*mqexec, "jobs"], env=env, capture_output=True, text=True, timeout=60)
@@ -276,8 +336,7 @@ def test_contract_cli_submit_jobs_kill(server: RecordingServer, pki: PKI, broker
         assert sorted(int(r[0]) for r in rows) == sorted(server.jobs)
         assert all(r[1] == SITE and r[2] == "Running" for r in rows), table.stdout
 
-        kill = subprocess.run([*mqexec, "jobs", "kill", "--all"], env=env, capture_output=True, text=True,
-                              timeout=60)
+        kill = subprocess.run([*mqexec, "jobs", "kill", "--all"], env=env, capture_output=True, text=True, timeout=60)
         assert kill.returncode == 0 and "killed 2 job(s)" in kill.stdout, kill.stdout + kill.stderr
         out, _ = submit.communicate(timeout=60)  # it sees every job final and ends
         assert submit.returncode == 0, out
@@ -289,12 +348,13 @@ def test_contract_cli_submit_jobs_kill(server: RecordingServer, pki: PKI, broker
         boot_user.revoke()
     assert all(_gone(j) for j in server.jobs.values())
     assert {j.status for j in server.jobs.values()} == {"Killed"}
-    assert "Site = {\"LCG.UKI-SOUTHGRID-RALPP.uk\", \"LCG.UKI-LT2-Brunel.uk\"}" in server.jdls[0]
+    assert 'Site = {"LCG.UKI-SOUTHGRID-RALPP.uk", "LCG.UKI-LT2-Brunel.uk"}' in server.jdls[0]
     _assert_no_secrets(server.jdls, broker_url, str(settings["secret"]))
 
 
-def test_contract_adapt_follows_queue_depth(server: RecordingServer, pki: PKI, broker_url: str,
-                                            settings: dict[str, object], tmp_path: Path) -> None:
+def test_contract_adapt_follows_queue_depth(
+    server: RecordingServer, pki: PKI, broker_url: str, settings: dict[str, object], tmp_path: Path
+) -> None:
     """adapt(): ceil(waiting tasks / tasks_per_worker) jobs, capped at maximum."""
     from kombu import Producer
 

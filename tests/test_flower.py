@@ -18,8 +18,12 @@ def flower(broker_url, settings, tmp_path):
     port = free_port()
     env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true", "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"])}
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "mqexec", "flower", "--broker", broker_url, "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mqexec", "flower", "--broker", broker_url, "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
     while not listening("127.0.0.1", port):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()

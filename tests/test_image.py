@@ -58,8 +58,9 @@ def test_extra_package_and_typo(tmp_path: Path) -> None:
 
 
 def test_cli_prints_and_files_in_repo_are_consistent() -> None:
-    out = subprocess.run([sys.executable, "-m", "mqexec.image", "--print", "containerfile"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mqexec.image", "--print", "containerfile"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"FROM python:{TAG}-slim" in out
     repo = Path(__file__).resolve().parent.parent / "worker_image"
     for name in ("Containerfile", "mqexec-worker.def", "entrypoint.sh", "requirements.lock"):
@@ -69,4 +70,3 @@ def test_cli_prints_and_files_in_repo_are_consistent() -> None:
         for path in src.split():
             assert (repo.parent / path).exists(), path
     subprocess.run(["sh", "-n", str(repo / "entrypoint.sh")], check=True)
-

@@ -129,10 +129,7 @@ def test_concurrent_puts_make_one_valid_object(site: Site) -> None:
     n = 4
     ctx = multiprocessing.get_context("spawn")  # the XRootD client's threads do not survive fork
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [
-        ctx.Process(target=put_from_child, args=(site.url, site.server, data, barrier, results))
-        for _ in range(n)
-    ]
+    procs = [ctx.Process(target=put_from_child, args=(site.url, site.server, data, barrier, results)) for _ in range(n)]
     for p in procs:
         p.start()
     got = [results.get(timeout=60) for _ in range(n)]

@@ -72,8 +72,13 @@ class NsWorker(Worker):
     def __init__(self, ns: str, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "mqexec", "worker", *args],
-                                     env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "mqexec", "worker", *args],
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 @dataclass
@@ -128,8 +133,10 @@ def _require_tools() -> None:
     missing = [t for t in ("ip", "iptables", "socat", "ss") if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
         why = "not root" if os.geteuid() != 0 else f"missing {', '.join(missing)}"
-        pytest.fail(f"the outbound-only test needs root, ip, iptables, socat ({why}): run as root and "
-                    f"`{INSTALL}`", pytrace=False)
+        pytest.fail(
+            f"the outbound-only test needs root, ip, iptables, socat ({why}): run as root and `{INSTALL}`",
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -145,8 +152,9 @@ def jail() -> Iterator[Jail]:
         try:
             _run("ip", "netns", "add", ns)
         except RuntimeError as e:
-            pytest.fail(f"cannot create a network namespace (needs root with CAP_SYS_ADMIN/NET_ADMIN): {e}",
-                        pytrace=False)
+            pytest.fail(
+                f"cannot create a network namespace (needs root with CAP_SYS_ADMIN/NET_ADMIN): {e}", pytrace=False
+            )
         made_ns = True
         _run("ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_ns)
         made_veth = True
@@ -160,8 +168,7 @@ def jail() -> Iterator[Jail]:
         for tool in tables:  # inside the namespace only; nothing touches the host's rules
             jail.exec(tool, "-w", "-P", "INPUT", "DROP")
             jail.exec(tool, "-w", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT")
-            jail.exec(tool, "-w", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
-                      "-j", "ACCEPT")
+            jail.exec(tool, "-w", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
         yield jail
     finally:
         for proc in jail.procs:
@@ -187,14 +194,28 @@ def _where_am_i(i: int, host_addr: str) -> tuple[int, int, str]:
 def test_worker_behind_inbound_drop_firewall_completes_a_run(jail, broker_url, settings, client, tmp_path):
     # 1. The firewall really drops inbound: a listener inside the namespace accepts from inside, not from us.
     probe_port = _free_port("127.0.0.1")
-    listener = _popen(["ip", "netns", "exec", jail.ns, "socat",
-                       f"TCP-LISTEN:{probe_port},bind={jail.ns_addr},reuseaddr,fork", "SYSTEM:echo inside"],
-                      tmp_path / "probe-listener.log")
+    listener = _popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            jail.ns,
+            "socat",
+            f"TCP-LISTEN:{probe_port},bind={jail.ns_addr},reuseaddr,fork",
+            "SYSTEM:echo inside",
+        ],
+        tmp_path / "probe-listener.log",
+    )
     jail.procs.append(listener)
     jail.wait_listening(jail.ns_addr, probe_port, ns=True, proc=listener)
-    inside = jail.exec(sys.executable, "-c", "import socket, sys; s = socket.create_connection((sys.argv[1], "
-                       "int(sys.argv[2])), timeout=5); print(s.makefile().readline().strip())",
-                       jail.ns_addr, str(probe_port))
+    inside = jail.exec(
+        sys.executable,
+        "-c",
+        "import socket, sys; s = socket.create_connection((sys.argv[1], "
+        "int(sys.argv[2])), timeout=5); print(s.makefile().readline().strip())",
+        jail.ns_addr,
+        str(probe_port),
+    )
     assert inside.strip() == "inside"  # the listener works...
     dropped_before = jail.dropped()
     with pytest.raises(TimeoutError), socket.create_connection((jail.ns_addr, probe_port), timeout=2):
@@ -204,18 +225,33 @@ def test_worker_behind_inbound_drop_firewall_completes_a_run(jail, broker_url, s
     # 2. The worker's only way to the broker: outbound to a loopback relay on the host's end of the veth.
     broker = urlsplit(broker_url)
     relay_port = _free_port(jail.host_addr)
-    relay = _popen(["socat", f"TCP-LISTEN:{relay_port},bind={jail.host_addr},reuseaddr,fork",
-                    f"TCP:{broker.hostname}:{broker.port or 5672}"], tmp_path / "relay.log")
+    relay = _popen(
+        [
+            "socat",
+            f"TCP-LISTEN:{relay_port},bind={jail.host_addr},reuseaddr,fork",
+            f"TCP:{broker.hostname}:{broker.port or 5672}",
+        ],
+        tmp_path / "relay.log",
+    )
     jail.procs.append(relay)
     jail.wait_listening(jail.host_addr, relay_port, ns=False, proc=relay)
     userinfo = broker.netloc.rsplit("@", 1)[0] + "@" if "@" in broker.netloc else ""
     ns_broker = f"{broker.scheme}://{userinfo}{jail.host_addr}:{relay_port}{broker.path}"
 
-    env = {**os.environ, "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
-           "MQEXEC_SECRET": str(settings["secret"]), "MQEXEC_CACHE_DIR": str(tmp_path / "ns-worker-cache"),
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "MQEXEC_LAKE_URL": ""}
-    worker = NsWorker(jail.ns, ["--broker", ns_broker, "--hostname", f"ns-{settings['queue_prefix']}@test",
-                                "--concurrency", "1"], env, tmp_path / "ns-worker.log")
+    env = {
+        **os.environ,
+        "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
+        "MQEXEC_SECRET": str(settings["secret"]),
+        "MQEXEC_CACHE_DIR": str(tmp_path / "ns-worker-cache"),
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "MQEXEC_LAKE_URL": "",
+    }
+    worker = NsWorker(
+        jail.ns,
+        ["--broker", ns_broker, "--hostname", f"ns-{settings['queue_prefix']}@test", "--concurrency", "1"],
+        env,
+        tmp_path / "ns-worker.log",
+    )
     try:
         worker.wait_ready()
 

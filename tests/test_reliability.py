@@ -144,8 +144,11 @@ def test_no_worker_for_this_environment_says_which_are_connected(start_worker, c
     start_worker("--concurrency", "1", "--env", "py3.99")
     fut = client.submit(lambda: 1)
     started = time.monotonic()
-    with pytest.raises(mqexec.NoWorkerError, match=rf"no worker serves {client.config.queue_prefix}\.py3\.\d+.*"
-                       rf"serve: {client.config.queue_prefix}\.py3\.99"):
+    with pytest.raises(
+        mqexec.NoWorkerError,
+        match=rf"no worker serves {client.config.queue_prefix}\.py3\.\d+.*"
+        rf"serve: {client.config.queue_prefix}\.py3\.99",
+    ):
         fut.result(timeout=30)
     assert time.monotonic() - started < 15
 

@@ -80,13 +80,24 @@ def test_opens_cleanly_with_nanoaodschema(fileset, monkeypatch):
         warnings.simplefilter("always")
         events = _events(path)
     collections = set(events.fields)
-    assert {"Jet", "Muon", "Electron", "GenJet", "GenPart", "MET", "PV", "run", "luminosityBlock", "event",
-            "genWeight"} <= collections
+    assert {
+        "Jet",
+        "Muon",
+        "Electron",
+        "GenJet",
+        "GenPart",
+        "MET",
+        "PV",
+        "run",
+        "luminosityBlock",
+        "event",
+        "genWeight",
+    } <= collections
     unexpected = []
     for w in caught:
         text = str(w.message)
         if text.startswith("Missing cross-reference index for "):
-            indexer, target = text[len("Missing cross-reference index for "):].split(" => ")
+            indexer, target = text[len("Missing cross-reference index for ") :].split(" => ")
             if indexer.split("_")[0] not in collections or target not in collections:
                 continue
         unexpected.append(f"{w.category.__name__}: {text}")
@@ -96,8 +107,18 @@ def test_opens_cleanly_with_nanoaodschema(fileset, monkeypatch):
     jets, muons = events.Jet, events.Muon
     for field in ("pt", "eta", "phi", "mass", "btagCSVV2", "jetId", "hadronFlavour", "partonFlavour"):
         assert field in jets.fields
-    for field in ("pt", "eta", "phi", "mass", "charge", "pfRelIso03_all", "pfRelIso04_all", "sip3d",
-                  "tightId", "looseId"):
+    for field in (
+        "pt",
+        "eta",
+        "phi",
+        "mass",
+        "charge",
+        "pfRelIso03_all",
+        "pfRelIso04_all",
+        "sip3d",
+        "tightId",
+        "looseId",
+    ):
         assert field in muons.fields
     assert "cutBased" in events.Electron.fields
     # collections are pT-ordered, as in NanoAOD
@@ -133,8 +154,12 @@ def test_deterministic_by_seed(tmp_path):
 def test_fileset_layout_and_cache(fileset, tmp_path):
     assert sorted(fileset) == ["single_top_t_chan__nominal", "ttbar__nominal", "wjets__nominal"]
     spec = fileset["ttbar__nominal"]
-    assert spec["metadata"] == {"process": "ttbar", "variation": "nominal",
-                                "nevts": N_FILES * EVENTS_PER_FILE, "xsec": synthetic.PROCESSES["ttbar"].xsec}
+    assert spec["metadata"] == {
+        "process": "ttbar",
+        "variation": "nominal",
+        "nevts": N_FILES * EVENTS_PER_FILE,
+        "xsec": synthetic.PROCESSES["ttbar"].xsec,
+    }
     assert len(spec["files"]) == N_FILES and set(spec["files"].values()) == {"Events"}
     events = [_read_all(p).event for p in spec["files"]]
     assert len(set(np.concatenate([ak.to_numpy(e) for e in events]).tolist())) == N_FILES * EVENTS_PER_FILE
@@ -153,9 +178,22 @@ def test_fileset_layout_and_cache(fileset, tmp_path):
 
 def test_cli(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "mqexec.synthetic", str(tmp_path), "--files", "1", "--events", "300",
-         "--processes", "wjets"],
-        check=True, capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "mqexec.synthetic",
+            str(tmp_path),
+            "--files",
+            "1",
+            "--events",
+            "300",
+            "--processes",
+            "wjets",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
     )
     fileset = json.loads(out.stdout)
@@ -168,8 +206,9 @@ def test_agc_selection_fraction(agc, fileset, iterative_output):
     assert iterative_output["nevents"] == {ds: N_FILES * EVENTS_PER_FILE for ds in fileset}
     yields = agc.region_yields(iterative_output, fileset)
     total = N_FILES * EVENTS_PER_FILE
-    fraction = {p: (yields["4j1b"][p][0] + yields["4j2b"][p][0]) / total for p in ("ttbar", "wjets",
-                                                                                     "single_top_t_chan")}
+    fraction = {
+        p: (yields["4j1b"][p][0] + yields["4j2b"][p][0]) / total for p in ("ttbar", "wjets", "single_top_t_chan")
+    }
     assert 0.02 < fraction["ttbar"] < 0.20, fraction
     assert yields["4j1b"]["ttbar"][0] > 100 and yields["4j2b"]["ttbar"][0] > 100
     assert fraction["wjets"] < fraction["ttbar"] / 10, fraction
@@ -178,8 +217,16 @@ def test_agc_selection_fraction(agc, fileset, iterative_output):
     assert [ax.name for ax in h.axes] == ["observable", "process", "variation"]
     assert (h.axes[0].size, h.axes[0].edges[0], h.axes[0].edges[-1]) == (25, 50, 550)
     variations = set(h.axes["variation"])
-    assert {"nominal", "pt_scale_up", "pt_scale_down", "pt_res_up", "btag_var_0_up", "btag_var_3_down",
-            "scale_var_up", "scale_var_down"} <= variations
+    assert {
+        "nominal",
+        "pt_scale_up",
+        "pt_scale_down",
+        "pt_res_up",
+        "btag_var_0_up",
+        "btag_var_3_down",
+        "scale_var_up",
+        "scale_var_down",
+    } <= variations
     nominal = h[:, "ttbar", "nominal"].sum(flow=True).value
     assert h[:, "ttbar", "pt_scale_up"].sum(flow=True).value > nominal  # harder jets pass more often
     assert h[:, "ttbar", "pt_scale_down"].sum(flow=True).value < nominal
@@ -201,17 +248,29 @@ def _assert_same_output(a, b):
 
 
 def test_iterative_and_futures_agree(agc, fileset, iterative_output):
-    futures_output, metrics, _ = agc.run_analysis(fileset, processor.FuturesExecutor(workers=2),
-                                                  chunksize=CHUNKSIZE)
+    futures_output, metrics, _ = agc.run_analysis(fileset, processor.FuturesExecutor(workers=2), chunksize=CHUNKSIZE)
     assert metrics["chunks"] == 3 * N_FILES * 2  # 20k-entry files in 10k chunks
     _assert_same_output(iterative_output, futures_output)
 
 
 def test_script_runs_with_futures(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--executor", "futures", "--files", "1", "--events", "4000",
-         "--data-dir", str(tmp_path)],
-        check=True, capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--executor",
+            "futures",
+            "--files",
+            "1",
+            "--events",
+            "4000",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
     )
     assert "executor futures: 12,000 events" in out.stdout

@@ -60,24 +60,33 @@ def test_worker_never_listens_on_a_port(start_worker, client):
         listening = [c for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         assert not listening, f"{p.pid} listens on {listening}"
     outbound = [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_ESTABLISHED]
-    assert outbound and all(c.raddr.port == int(client.config.broker_url.rsplit(":", 1)[1].split("/")[0])
-                            for c in outbound)
+    assert outbound and all(
+        c.raddr.port == int(client.config.broker_url.rsplit(":", 1)[1].split("/")[0]) for c in outbound
+    )
 
 
 def _run_worker_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mqexec", "worker", *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "MQEXEC_SECRET": "s", **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mqexec", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MQEXEC_SECRET": "s", **(env or {})},
+    )
     return proc.returncode, proc.stderr, time.monotonic() - started
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("amqp://guest:hunter2x@127.0.0.1:5672//", "refused the login of user 'guest': wrong user name or password"),
-    ("amqp://guest:guest@127.0.0.1:1//", "nothing accepts connections at 127.0.0.1:1"),
-    ("amqp://guest:guest@no-such-host.invalid:5672//", "cannot resolve the broker host 'no-such-host.invalid'"),
-    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "vhost 'no-such-vhost'"),
-    ("amqq://guest:guest@127.0.0.1:5672//", "did you mean amqp://"),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://guest:hunter2x@127.0.0.1:5672//", "refused the login of user 'guest': wrong user name or password"),
+        ("amqp://guest:guest@127.0.0.1:1//", "nothing accepts connections at 127.0.0.1:1"),
+        ("amqp://guest:guest@no-such-host.invalid:5672//", "cannot resolve the broker host 'no-such-host.invalid'"),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "vhost 'no-such-vhost'"),
+        ("amqq://guest:guest@127.0.0.1:5672//", "did you mean amqp://"),
+    ],
+)
 def test_bad_broker_fails_fast_with_a_clear_error(url, expected):
     code, err, seconds = _run_worker_cli(["--broker", url])
     assert code == 2, err
@@ -88,9 +97,13 @@ def test_bad_broker_fails_fast_with_a_clear_error(url, expected):
 
 def test_worker_without_a_signing_key_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MQEXEC_SECRET"}
-    proc = subprocess.run([sys.executable, "-m", "mqexec", "worker", "--broker", "amqp://guest:guest@127.0.0.1//"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**env, "XDG_CONFIG_HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mqexec", "worker", "--broker", "amqp://guest:guest@127.0.0.1//"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "XDG_CONFIG_HOME": str(tmp_path)},
+    )
     assert proc.returncode == 2
     assert "no signing key" in proc.stderr and "MQEXEC_SECRET" in proc.stderr
 

@@ -49,7 +49,6 @@ JET_PT_VARIATIONS = {"pt_scale_up": 1.03, "pt_scale_down": 0.97, "pt_res_up": No
 REGIONS = ("4j1b", "4j2b")
 
 
-
 def _jet_pt_resolution(counts: np.ndarray, seed: list[int]) -> ak.Array:
     """Per-jet Gaussian smearing factors (5% width), seeded by the chunk so every executor gets the same."""
     rng = np.random.default_rng(seed)
@@ -127,11 +126,13 @@ class TtbarAnalysis(processor.ProcessorABC):
                 jets = ak.with_field(jets, jets.pt * factor, "pt")
 
             electrons = electrons[
-                (electrons.pt > 30) & (np.abs(electrons.eta) < 2.1) & (electrons.cutBased == 4)
-                & (electrons.sip3d < 4)
+                (electrons.pt > 30) & (np.abs(electrons.eta) < 2.1) & (electrons.cutBased == 4) & (electrons.sip3d < 4)
             ]
             muons = muons[
-                (muons.pt > 30) & (np.abs(muons.eta) < 2.1) & muons.tightId & (muons.sip3d < 4)
+                (muons.pt > 30)
+                & (np.abs(muons.eta) < 2.1)
+                & muons.tightId
+                & (muons.sip3d < 4)
                 & (muons.pfRelIso04_all < 0.15)
             ]
             jets = jets[(jets.pt > 30) & (np.abs(jets.eta) < 2.4) & jets.isTightLeptonVeto]
@@ -154,9 +155,7 @@ class TtbarAnalysis(processor.ProcessorABC):
                     # hadronic top candidate: the b-tagged three-jet system with the largest pT
                     trijet = ak.combinations(region_jets, 3, fields=["j1", "j2", "j3"])
                     p4 = trijet.j1 + trijet.j2 + trijet.j3
-                    max_btag = np.maximum(
-                        trijet.j1.btagCSVV2, np.maximum(trijet.j2.btagCSVV2, trijet.j3.btagCSVV2)
-                    )
+                    max_btag = np.maximum(trijet.j1.btagCSVV2, np.maximum(trijet.j2.btagCSVV2, trijet.j3.btagCSVV2))
                     p4 = p4[max_btag >= B_TAG_THRESHOLD]  # same cut as the b-tag count
                     best = ak.argmax(p4.pt, axis=1, keepdims=True)
                     observable = ak.to_numpy(ak.flatten(p4[best].mass))
@@ -171,12 +170,20 @@ class TtbarAnalysis(processor.ProcessorABC):
                 for i_jet in range(4):
                     up, down = _btag_weight_variation(i_jet, region_jets.pt)
                     for direction, w in (("up", up), ("down", down)):
-                        fill(observable=observable, process=process, variation=f"btag_var_{i_jet}_{direction}",
-                             weight=weights * w)
+                        fill(
+                            observable=observable,
+                            process=process,
+                            variation=f"btag_var_{i_jet}_{direction}",
+                            weight=weights * w,
+                        )
                 if process == "wjets":
                     for direction, w in (("up", 1.025), ("down", 0.975)):
-                        fill(observable=observable, process=process, variation=f"scale_var_{direction}",
-                             weight=weights * w)
+                        fill(
+                            observable=observable,
+                            process=process,
+                            variation=f"scale_var_{direction}",
+                            weight=weights * w,
+                        )
 
         return {"nevents": {metadata["dataset"]: len(events)}, "hist_dict": hists}
 
@@ -187,8 +194,14 @@ class TtbarAnalysis(processor.ProcessorABC):
 # ---------------------------------------------------------------------------------------------------------
 # data, executors, running
 # ---------------------------------------------------------------------------------------------------------
-def build_fileset(directory, n_files: int = 2, events_per_file: int = 125_000, *, seed: int = 0,
-                  processes=("ttbar", "wjets", "single_top_t_chan")) -> dict:
+def build_fileset(
+    directory,
+    n_files: int = 2,
+    events_per_file: int = 125_000,
+    *,
+    seed: int = 0,
+    processes=("ttbar", "wjets", "single_top_t_chan"),
+) -> dict:
     """The AGC-style fileset of synthetic NanoAOD (``n_files`` files per process), written on first use.
 
     >>> fileset = build_fileset("/tmp/agc", n_files=2, events_per_file=20_000)  # doctest: +SKIP
@@ -200,8 +213,7 @@ def build_fileset(directory, n_files: int = 2, events_per_file: int = 125_000, *
     except ImportError:  # running from a source checkout without mqexec installed
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from mqexec.synthetic import make_fileset
-    return make_fileset(directory, n_files=n_files, events_per_file=events_per_file, processes=processes,
-                        seed=seed)
+    return make_fileset(directory, n_files=n_files, events_per_file=events_per_file, processes=processes, seed=seed)
 
 
 def _mqexec_executor(workers: int):
@@ -291,8 +303,11 @@ def main(argv=None) -> int:
     parser.add_argument("--events", type=int, default=125_000, help="events per file")
     parser.add_argument("--chunksize", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "mqexec-agc-data"),
-                        help="where the synthetic files are written/reused")
+    parser.add_argument(
+        "--data-dir",
+        default=os.path.join(tempfile.gettempdir(), "mqexec-agc-data"),
+        help="where the synthetic files are written/reused",
+    )
     args = parser.parse_args(argv)
 
     fileset = build_fileset(args.data_dir, args.files, args.events, seed=args.seed)

@@ -229,20 +229,23 @@ class MQExecutor(ExecutorBase):
         self.__dict__.update(state, client=None)
         self._session = _Session(None, self.broker)
 
-    def __call__(self, items: Iterable[Any], function: Callable[[Any], Any],
-                 accumulator: Any) -> tuple[Any, int | BaseException]:
+    def __call__(
+        self, items: Iterable[Any], function: Callable[[Any], Any], accumulator: Any
+    ) -> tuple[Any, int | BaseException]:
         items = list(items)
         if not items:
             return accumulator, 0
         client = self._session.client()
         chunks = hasattr(items[0], "entrystart")
         labels = [_label(item, self.function_name) for item in items]
-        futures = client.map(_Task(function, self.compression), items, labels=labels, pure=False,
-                             batch_size=1 if chunks else None)
+        futures = client.map(
+            _Task(function, self.compression), items, labels=labels, pure=False, batch_size=1 if chunks else None
+        )
         return self._gather(client, futures, labels, accumulator)
 
-    def _gather(self, client: Client, futures: list[Any], labels: list[str],
-                accumulator: Any) -> tuple[Any, int | BaseException]:
+    def _gather(
+        self, client: Client, futures: list[Any], labels: list[str], accumulator: Any
+    ) -> tuple[Any, int | BaseException]:
         labelled = {f.key: label for f, label in zip(futures, labels, strict=True)}
         outstanding = len(futures)  # item tasks not yet consumed
         waiting = as_completed(futures)
@@ -272,8 +275,9 @@ class MQExecutor(ExecutorBase):
                         continue
                     batch.append(value)
                     if len(batch) >= self.merging and outstanding:
-                        merge = client.submit(_merge, batch, self.compression, pure=False,
-                                              label=f"merge of {len(batch)} outputs")
+                        merge = client.submit(
+                            _merge, batch, self.compression, pure=False, label=f"merge of {len(batch)} outputs"
+                        )
                         labelled[merge.key] = f"merge of {len(batch)} outputs"
                         waiting.add(merge)
                         merges.append(merge)

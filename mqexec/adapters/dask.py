@@ -76,6 +76,7 @@ def default_scheduler(client: Client) -> Iterator[None]:
 
 # -- the plan ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Chain:
     """One mqexec task: dask tasks that run together on a worker.
@@ -184,7 +185,7 @@ def _a_cycle(graph: dict[Any, Any], remaining: dict[Any, int]) -> list[Any]:
         seen[k] = len(path)
         path.append(k)
         k = next(d for d in graph[k].dependencies if d in stuck)
-    return [*path[seen[k]:], k]
+    return [*path[seen[k] :], k]
 
 
 def _partition(key: Any) -> Any:
@@ -229,8 +230,7 @@ def plan(dsk: Any, keys: Any, max_fanin: int = 64) -> Plan:
             constants.add(k)
             if isinstance(node.value, Future) or sizeof(node.value) > _SCATTER_ABOVE:
                 shared.add(k)
-    broadcast = {k for k, ds in dependents.items()
-                 if k not in constants and len({_partition(d) for d in ds}) > 1}
+    broadcast = {k for k, ds in dependents.items() if k not in constants and len({_partition(d) for d in ds}) > 1}
 
     # 1. which chain each task joins (ids in creation order, so a chain's upstream ids are smaller)
     chain_of: dict[Any, int] = {}
@@ -249,8 +249,7 @@ def plan(dsk: Any, keys: Any, max_fanin: int = 64) -> Plan:
             index = next(ids)
             members[index], upstream_of[index] = [], set(upstream)
             if len(upstream) > 1 and not (deps & broadcast):
-                index = _swallow(index, k, upstream, members, upstream_of, mergeable, chain_of, dependents,
-                                 max_fanin)
+                index = _swallow(index, k, upstream, members, upstream_of, mergeable, chain_of, dependents, max_fanin)
         members[index].append(k)
         chain_of[k] = index
     # 2. the chains, numbered afresh in creation order, with what crosses their borders
@@ -271,9 +270,17 @@ def plan(dsk: Any, keys: Any, max_fanin: int = 64) -> Plan:
     return Plan(graph, chains, chain_of, shared)
 
 
-def _swallow(index: int, key: Any, upstream: set[int], members: dict[int, list[Any]],
-             upstream_of: dict[int, set[int]], mergeable: set[int], chain_of: dict[Any, int],
-             dependents: dict[Any, list[Any]], max_fanin: int) -> int:
+def _swallow(
+    index: int,
+    key: Any,
+    upstream: set[int],
+    members: dict[int, list[Any]],
+    upstream_of: dict[int, set[int]],
+    mergeable: set[int],
+    chain_of: dict[Any, int],
+    dependents: dict[Any, list[Any]],
+    max_fanin: int,
+) -> int:
     """Start reduction chain ``index`` for ``key``, merging in the upstream reduction chains that only it reads.
 
     Returns ``index``; the merged chains' tasks move into it (in their order) and their ids disappear.
@@ -300,8 +307,10 @@ def _swallow(index: int, key: Any, upstream: set[int], members: dict[int, list[A
 
 # -- on the worker ----------------------------------------------------------------------------------------
 
-def run_subgraph(nodes: list[Any], exports: list[Any], inputs: list[dict[Any, Any]],
-                 values: dict[Any, Any], unwrap: bool = False) -> Any:
+
+def run_subgraph(
+    nodes: list[Any], exports: list[Any], inputs: list[dict[Any, Any]], values: dict[Any, Any], unwrap: bool = False
+) -> Any:
     """Run one chain on a worker: dask ``GraphNode`` s in the given (topological) order.
 
     Values of other chains' tasks arrive in ``inputs`` (one dict per upstream chain), shared values
@@ -344,9 +353,17 @@ def _pick(outputs: dict[Any, Any], key: Any) -> Any:
 
 # -- on the client ----------------------------------------------------------------------------------------
 
-def _schedule(client: Client, dsk: Any, keys: Any, *, retries: int = 0, priority: int = 0,
-              resources: dict[str, float] | None = None, own_future: set[Any] = frozenset()
-              ) -> tuple[Plan, dict[Any, Future], dict[Any, Any]]:
+
+def _schedule(
+    client: Client,
+    dsk: Any,
+    keys: Any,
+    *,
+    retries: int = 0,
+    priority: int = 0,
+    resources: dict[str, float] | None = None,
+    own_future: set[Any] = frozenset(),
+) -> tuple[Plan, dict[Any, Future], dict[Any, Any]]:
     """Submit a graph's chains; returns the plan, a future per chain-exported key, and constant values.
 
     Keys in ``own_future`` get a future of their value itself (the chain is unwrapped when the key is its
@@ -372,9 +389,20 @@ def _schedule(client: Client, dsk: Any, keys: Any, *, retries: int = 0, priority
         unwrap = len(exports) == 1 and exports[0] in own_future and not consumers[i]
         first = chain.keys[0]
         label = f"dask {first!r}" + (f" +{len(chain.keys) - 1} tasks" if len(chain.keys) > 1 else "")
-        fut = client.submit(run_subgraph, nodes, exports, [futures[u] for u in sorted(chain.upstream)],
-                            {k: values[k] for k in needs}, unwrap, key=f"dask-{token}-{i}", pure=False,
-                            retries=retries, priority=priority, resources=resources, label=label[:80])
+        fut = client.submit(
+            run_subgraph,
+            nodes,
+            exports,
+            [futures[u] for u in sorted(chain.upstream)],
+            {k: values[k] for k in needs},
+            unwrap,
+            key=f"dask-{token}-{i}",
+            pure=False,
+            retries=retries,
+            priority=priority,
+            resources=resources,
+            label=label[:80],
+        )
         futures.append(fut)
         STATS["tasks"] += 1
     STATS["graphs"] += 1
@@ -389,8 +417,9 @@ def _schedule(client: Client, dsk: Any, keys: Any, *, retries: int = 0, priority
         if k not in own_future or (p.chains[index].exports == {k} and not consumers[index]):
             out[k] = chain_future
         else:
-            out[k] = client.submit(_pick, chain_future, k, key=f"dask-{token}-pick-{len(out)}", pure=False,
-                                   label=f"pick {k!r}"[:80])
+            out[k] = client.submit(
+                _pick, chain_future, k, key=f"dask-{token}-pick-{len(out)}", pure=False, label=f"pick {k!r}"[:80]
+            )
             STATS["tasks"] += 1
     return p, out, constants
 
@@ -425,8 +454,17 @@ def _finalize(func: Any, extra: tuple[Any, ...], keys: Any, *values: Any) -> Any
     return func(_repack(keys, dict(zip(_flat_keys(keys), values, strict=True))), *extra)
 
 
-def get(client: Client, dsk: Any, keys: Any, *, sync: bool = True, retries: int | None = None,
-        priority: int = 0, resources: dict[str, float] | None = None, **kwargs: Any) -> Any:
+def get(
+    client: Client,
+    dsk: Any,
+    keys: Any,
+    *,
+    sync: bool = True,
+    retries: int | None = None,
+    priority: int = 0,
+    resources: dict[str, float] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Compute a dask graph on mqexec workers: a dask scheduler, ``dask.compute(x, scheduler=client.get)``.
 
     Takes every graph dask produces (a mapping of ``Task``/``DataNode``/``Alias``/legacy tuples, a
@@ -445,13 +483,19 @@ def get(client: Client, dsk: Any, keys: Any, *, sync: bool = True, retries: int 
         ValueError: a key or dependency is missing, or the graph has a cycle — before anything is sent.
     """
     if not sync:
-        _, futures, constants = _schedule(client, dsk, keys, retries=retries or 0, priority=priority,
-                                          resources=resources, own_future=set(_flat_keys(keys)))
+        _, futures, constants = _schedule(
+            client,
+            dsk,
+            keys,
+            retries=retries or 0,
+            priority=priority,
+            resources=resources,
+            own_future=set(_flat_keys(keys)),
+        )
         for k, v in constants.items():
             futures[k] = client.scatter(_value(v), hash=False)
         return _repack(keys, futures)
-    _, futures, constants = _schedule(client, dsk, keys, retries=retries or 0, priority=priority,
-                                      resources=resources)
+    _, futures, constants = _schedule(client, dsk, keys, retries=retries or 0, priority=priority, resources=resources)
     values = {k: _value(v) for k, v in constants.items()}
     for k, fut in futures.items():
         result = fut.result()
@@ -459,9 +503,17 @@ def get(client: Client, dsk: Any, keys: Any, *, sync: bool = True, retries: int 
     return _repack(keys, values)
 
 
-def compute(client: Client, collections: Any, sync: bool = False, *, optimize_graph: bool = True,
-            retries: int | None = None, priority: int = 0, resources: dict[str, float] | None = None,
-            **kwargs: Any) -> Any:
+def compute(
+    client: Client,
+    collections: Any,
+    sync: bool = False,
+    *,
+    optimize_graph: bool = True,
+    retries: int | None = None,
+    priority: int = 0,
+    resources: dict[str, float] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Submit dask collections; a Future per collection (of its final value), or the values if ``sync``.
 
     Like ``distributed.Client.compute``: a list or tuple of collections gives a list of futures; anything
@@ -483,8 +535,9 @@ def compute(client: Client, collections: Any, sync: bool = False, *, optimize_gr
             out.append(c)
             continue
         graph, key = collection_graph(c, optimize_graph)
-        _, futures, constants = _schedule(client, graph, [key], own_future={key}, retries=retries or 0,
-                                          priority=priority, resources=resources)
+        _, futures, constants = _schedule(
+            client, graph, [key], own_future={key}, retries=retries or 0, priority=priority, resources=resources
+        )
         out.append(futures[key] if key in futures else client.scatter(_value(constants[key]), hash=False))
     if sync:
         out = [f.result() if isinstance(f, Future) else f for f in out]
