@@ -14,7 +14,7 @@ Routes used (diracx-routers): ``POST /api/jobs/jdl`` (JSON list of JDL strings â
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -117,7 +117,7 @@ class DiracXTransport:
     def _set_status(self, job_ids: Sequence[int], status: str, minor: str) -> KillResult:
         if not job_ids:
             return KillResult([], [])
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         body = {str(int(i)): {now: {"Status": status, "MinorStatus": minor, "Source": "dirac_submit"}} for i in job_ids}
         try:
             result = self._send("PATCH", "/api/jobs/status", idempotent=True, json=body).json()
@@ -140,4 +140,4 @@ def _parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .credentials import SecretIssuer
 from .jdl import JobTemplate
@@ -126,7 +126,7 @@ class JobPool:
             else:
                 jdls = [self.template.to_jdl(1, env)] * count
             ids = self.transport.submit(jdls)
-            now, tick = datetime.now(timezone.utc), self.clock()
+            now, tick = datetime.now(UTC), self.clock()
             for job_id in ids:
                 self._jobs[job_id] = JobInfo(job_id, "Received", "submitted", "", now, tick)
             log.info("submitted %d job(s): %s", len(ids), ids)
@@ -157,7 +157,7 @@ class JobPool:
             return []
         with self._lock:
             result = self.transport.kill(job_ids)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for job_id in result.done:
                 if job_id in self._jobs:
                     self._jobs[job_id] = replace(
@@ -312,7 +312,7 @@ class Adaptive:
 
 def _update(job: JobInfo, state: JobState) -> JobInfo:
     changed = state.status != job.status
-    since = state.since or (datetime.now(timezone.utc) if changed else job.since)
+    since = state.since or (datetime.now(UTC) if changed else job.since)
     return replace(job, status=state.status, minor_status=state.minor_status, site=state.site, since=since)
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -45,7 +45,7 @@ class Proxy:
 
         load_proxy("/tmp/x509up_u1000").check(margin=timedelta(hours=1))
         """
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if self.not_after <= now + margin:
             state = "expired" if self.not_after <= now else "expires"
             raise ProxyError(
@@ -123,7 +123,7 @@ class BearerToken:
 
     def check(self) -> None:
         """Raise :class:`ProxyError` when the token has expired."""
-        if self.expires_on is not None and self.expires_on <= datetime.now(timezone.utc):
+        if self.expires_on is not None and self.expires_on <= datetime.now(UTC):
             raise ProxyError(
                 f"the DiracX token from {self.source} expired at {self.expires_on:%Y-%m-%d %H:%M:%S} UTC; "
                 "get a new one with: dirac-proxy-init -g <your_group> (DIRAC v9) or dirac login"
@@ -166,7 +166,7 @@ def _token(raw: str, source: str) -> BearerToken:
         expires = data.get("expires_on")
         return BearerToken(
             access_token=data["access_token"],
-            expires_on=datetime.fromtimestamp(int(expires), timezone.utc) if expires is not None else None,
+            expires_on=datetime.fromtimestamp(int(expires), UTC) if expires is not None else None,
             source=source,
         )
     except (ValueError, KeyError, TypeError) as err:

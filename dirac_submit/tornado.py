@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ServiceError
@@ -160,7 +160,7 @@ def _decode_dirac_object(obj: dict[str, Any]) -> Any:
     """Undo DIRAC's JEncode for dates (``{"__dCls": "dt", "obj": "..."}``; naive UTC on the server)."""
     kind = obj.get("__dCls")
     if kind == "dt":
-        return datetime.strptime(obj["obj"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+        return datetime.strptime(obj["obj"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
     if kind == "date":
         return datetime.strptime(obj["obj"], "%Y-%m-%d").date()
     return obj

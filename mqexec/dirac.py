@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -142,7 +142,7 @@ def verify_chain(pems: Sequence[str], user: Any, ca_dir: str) -> Any:
         raise BootError(f"unreadable certificate chain: {exc}") from None
     if not chain:
         raise BootError("empty certificate chain")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for i, cert in enumerate(chain):
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise BootError(f"certificate {cert.subject.rfc4514_string()} is not valid now")
@@ -640,7 +640,7 @@ class DiracWorkers:
                     "transport": self.transport_name,
                     "proxy": self.proxy,
                     "ca_dir": self.ca_dir,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "jobs": [],
                 },
             )

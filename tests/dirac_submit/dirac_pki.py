@@ -39,7 +39,7 @@ class PKI:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _name(*cns: str) -> x509.Name:

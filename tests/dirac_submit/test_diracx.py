@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -78,7 +78,7 @@ def token(client_factory) -> str:
 
     payload = {
         "sub": "testingVO:yellow-sub",
-        "exp": datetime.now(timezone.utc) + timedelta(minutes=10),
+        "exp": datetime.now(UTC) + timedelta(minutes=10),
         "iss": "http://lhcbdirac.cern.ch/",
         "dirac_properties": [NORMAL_USER],
         "jti": str(uuid7()),

@@ -33,7 +33,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,12 @@ class ContractJob:
     status: str = "Received"
     minor: str = "Job accepted"
     site: str = "ANY"
-    updated: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    updated: datetime = field(default_factory=lambda: datetime.now(UTC))
     eligible_at: float = 0.0
     process: subprocess.Popen[bytes] | None = None
 
     def set(self, status: str, minor: str) -> None:
-        self.status, self.minor, self.updated = status, minor, datetime.now(timezone.utc)
+        self.status, self.minor, self.updated = status, minor, datetime.now(UTC)
 
     def stdout(self) -> str:
         path = self.workdir / "std.out"
@@ -211,7 +211,7 @@ class TornadoContractServer:
             return handler(owner, *args)
 
     def any_ping(self, owner: str) -> dict[str, Any]:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return {"OK": True, "Value": {"version": "v9.0.0-contract", "time": _dt(now), "name": "contract"}}
 
     def JobManager_getMaxParametricJobs(self, owner: str) -> dict[str, Any]:
