@@ -24,8 +24,10 @@ from .errors import (
     SerializationError,
     SignatureError,
     TaskDeadLettered,
+    UnsafeResultError,
 )
-from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, as_completed, wait
+from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, as_completed, futures_of, wait
+from .safepickle import allow
 
 __all__ = [
     "ALL_COMPLETED",
@@ -45,8 +47,11 @@ __all__ = [
     "SerializationError",
     "SignatureError",
     "TaskDeadLettered",
+    "UnsafeResultError",
     "__version__",
+    "allow",
     "as_completed",
+    "futures_of",
     "wait",
 ]
 

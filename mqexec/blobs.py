@@ -1,106 +1,89 @@
-"""Payloads shipped once: large pickled functions and scattered data, addressed by sha256.
+"""Payloads shipped once: big pickled functions, arguments, dependency values and scattered data, by sha256.
 
-The client puts a payload once into its own small broker queue ``mqexec.blob.<sha256>`` (one message, never
-consumed for good); a worker reads it with ``basic_get`` and puts it straight back, so every worker can read
-it, then keeps it in its disk cache (shared by the worker's pool processes) and its process memory. The queue
-expires with the client's session. A 5 MB processor called 1,000 times thus costs one 5 MB message plus one
-read per worker node, not 5 GB of task messages.
+    client ──put once──▶ queue P.blob.<sha256>            (one message; a big one in pieces P.blob.<sha>.<i>)
+    worker ──basic_get + requeue──▶ disk cache (shared by its pool processes) ──▶ process memory
+
+A blob queue holds its message for good (every worker reads it and puts it back) and expires with its client's
+session. A 5 MB processor called 1,000 times costs one 5 MB message plus one read per worker node, not 5 GB of
+task messages. Pieces keep every message below the broker's size limit (16 MiB by default on RabbitMQ 4).
+A blob the broker no longer has (its node died, its queue expired) is reported to the client, which puts it
+again and resends the task.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .envelope import sha256
 from .errors import MQExecError
+from .topology import blob_queue_name
+from .wire import sha256
 
 if TYPE_CHECKING:
-    from kombu import Connection
+    from .config import Config
 
 
-def blob_queue_name(prefix: str, digest: str) -> str:
-    return f"{prefix}.blob.{digest}"
+class MissingBlob(MQExecError):
+    """A payload a task refers to is not on the broker (any more)."""
 
 
-def _blob_queue(prefix: str, digest: str, expires: float) -> Any:
-    from kombu import Queue
-
-    return Queue(
-        blob_queue_name(prefix, digest),
-        exchange="",
-        routing_key=blob_queue_name(prefix, digest),
-        durable=True,
-        auto_delete=False,
-        queue_arguments={"x-expires": int(expires * 1000)},
-    )
-
-
-def put_blob(conn: Connection, prefix: str, data: bytes, digest: str, expires: float) -> None:
-    """Publish ``data`` (whose sha256 is ``digest``) once into its blob queue; a no-op when it is there."""
-    queue = _blob_queue(prefix, digest, expires)
-    channel = conn.default_channel
-    bound = queue(channel)
-    _, count, _ = _declare(bound)
-    if not count:
-        from kombu import Producer
-
-        Producer(channel).publish(
-            data,
-            exchange="",
-            routing_key=queue.name,
-            serializer=None,
-            content_type="application/octet-stream",
-            content_encoding="binary",
-            delivery_mode=2,
-        )
-
-
-def _declare(bound_queue: Any) -> tuple[str, int, int]:
-    result = bound_queue.queue_declare()
-    if result is None:  # virtual transports answer nothing useful; ask for the size instead
-        return bound_queue.name, bound_queue.channel._size(bound_queue.name), 0
-    return result
+def pieces(data: bytes, size: int) -> list[bytes]:
+    """``data`` cut into pieces of at most ``size`` bytes (one piece if it fits)."""
+    if len(data) <= size:
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 class BlobCache:
     """A worker's view of blobs: process memory, then the disk cache, then the broker.
 
-    >>> cache = BlobCache(Path("~/.cache/mqexec/blobs").expanduser(), prefix="mqexec")
-    >>> data = cache.get(conn, "9f86d0...")   # doctest: +SKIP
+    >>> cache = BlobCache(cfg, connect=lambda: broker.connect(cfg))         # doctest: +SKIP
+    >>> data = cache.get("9f86d0...", size=5_000_000, parts=0)              # doctest: +SKIP
     """
 
-    def __init__(self, directory: Path, prefix: str, timeout: float = 60.0) -> None:
-        self.directory = directory
-        self.prefix = prefix
-        self.timeout = timeout
+    def __init__(self, cfg: Config, connect: Any) -> None:
+        self.cfg = cfg
+        self.directory = Path(cfg.cache_dir) / "blobs"
+        self._connect = connect
         self._memory: dict[str, Any] = {}
-
-    def loaded(self, digest: str, load: Any, conn_factory: Any) -> Any:
-        """The object unpickled from blob ``digest`` — ``load(bytes)`` runs once per process."""
-        return self.remember(digest, lambda: load(self.get(digest, conn_factory)))
 
     def remember(self, digest: str, make: Any) -> Any:
         """``make()``, computed once per process for each digest (a small, bounded memo)."""
         if digest not in self._memory:
-            if len(self._memory) > 32:
+            if len(self._memory) > 64:
                 self._memory.clear()
             self._memory[digest] = make()
         return self._memory[digest]
 
-    def get(self, digest: str, conn_factory: Any) -> bytes:
+    def get(self, digest: str, size: int, parts: int) -> bytes:
+        """The bytes of blob ``digest`` (``parts`` pieces, 0: one message), verified against its sha256.
+
+        Raises:
+            MissingBlob: the broker does not have it.
+        """
         path = self.directory / digest[:2] / digest
         try:
             data = path.read_bytes()
-            if sha256(data) == digest:
+            if len(data) == size and sha256(data) == digest:
                 return data
         except OSError:
             pass
-        with conn_factory() as conn:
-            data = self._fetch(conn, digest)
+        names = (
+            [blob_queue_name(self.cfg, digest)]
+            if not parts
+            else [blob_queue_name(self.cfg, digest, i) for i in range(parts)]
+        )
+        conn = self._connect()
+        try:
+            data = b"".join(_read(conn, name) for name in names)
+        finally:
+            conn.release()
+        if sha256(data) != digest:
+            raise MQExecError(f"blob {digest[:12]} is corrupt on the broker (sha256 differs)")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
@@ -108,28 +91,26 @@ class BlobCache:
         os.replace(tmp, path)
         return data
 
-    def _fetch(self, conn: Connection, digest: str) -> bytes:
-        name = blob_queue_name(self.prefix, digest)
-        channel = conn.channel()
-        gone = MQExecError(
-            f"payload {digest[:12]} is not on the broker (queue {name}): "
-            "the client that sent it is gone, or its session expired"
-        )
-        try:
-            deadline = time.monotonic() + self.timeout
-            while True:
-                try:
-                    message = channel.basic_get(name, no_ack=False)
-                except conn.channel_errors:
-                    raise gone from None
-                if message is not None:
-                    data = bytes(message.body)
-                    channel.basic_reject(message.delivery_tag, requeue=True)
-                    if sha256(data) != digest:
-                        raise MQExecError(f"blob {name} is corrupt (sha256 differs)")
-                    return data
-                if time.monotonic() > deadline:
-                    raise gone
-                time.sleep(0.02)
-        finally:
+
+def _read(conn: Any, name: str, wait: float = 5.0) -> bytes:
+    """Read the one message of blob queue ``name`` and put it back for the next worker."""
+    channel = conn.channel()
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                message = channel.basic_get(name, no_ack=False)
+            except conn.channel_errors:
+                raise MissingBlob(
+                    f"payload queue {name} is not on the broker: it expired, or its node was lost"
+                ) from None
+            if message is not None:
+                data = bytes(message.body)
+                channel.basic_reject(message.delivery_tag, requeue=True)
+                return data
+            if time.monotonic() > deadline:  # another worker holds it for a moment, or it is gone
+                raise MissingBlob(f"payload queue {name} is empty")
+            time.sleep(0.02)
+    finally:
+        with contextlib.suppress(Exception):  # the channel may have died with the NOT_FOUND above
             channel.close()

@@ -1,15 +1,15 @@
 """``mqexec``: the command line.
 
 mqexec worker --broker amqps://user:pw@host:5671/vhost --concurrency 8 --idle-timeout 600 --max-walltime 47h
-mqexec status --broker URL        # queue depths and connected workers
-mqexec flower --broker URL        # Celery Flower on this app's events (web UI on localhost:5555)
+mqexec key worker                 # the token a worker trusts (export MQEXEC_SECRET=...)
+mqexec status --broker URL        # queues, workers, clients
+mqexec flower --broker URL        # Celery Flower on this prefix's events (web UI on 127.0.0.1:5555)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from .errors import MQExecError
 
@@ -30,27 +30,45 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(cfg, hostname=args.hostname, loglevel=args.loglevel, exit_with_parent=args.exit_with_parent)
 
 
-def _status(args: argparse.Namespace) -> int:
-    from .app import make_app, queue_name, task_queue
-    from .broker import connect
+def _key(args: argparse.Namespace) -> int:
     from .config import Config
+    from .keys import Identity, default_key_file, load_identity
 
-    cfg = Config.load(broker_url=args.broker)
-    with connect(cfg) as conn:
-        _, depth, consumers = task_queue(cfg)(conn.default_channel).queue_declare(passive=True)
-    print(f"{queue_name(cfg)}: {depth} waiting, {consumers} consumers")
-    replies = make_app(cfg).control.inspect(timeout=1.0).active_queues() or {}
-    for worker, queues in sorted(replies.items()):
-        print(f"  {worker}: {', '.join(q['name'] for q in queues)}")
+    cfg = Config.load()
+    path = cfg.key_file or str(default_key_file())
+    if args.action == "new":
+        from pathlib import Path
+
+        if Path(path).exists() and not args.force:
+            raise MQExecError(
+                f"{path} exists: `mqexec key new --force` replaces it (workers given the old "
+                "token stop trusting this client)"
+            )
+        Path(path).unlink(missing_ok=True)
+    me = load_identity(path) if not cfg.identity else Identity.parse(cfg.identity)
+    if args.action == "worker":
+        print(me.trust.token())
+    else:
+        print(f"key {me.trust.key_id} in {path}")
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import main
+
+    return main(args)
 
 
 def _flower(args: argparse.Namespace) -> int:
     from .app import make_app
     from .config import Config
 
-    app = make_app(Config.load(broker_url=args.broker))
-    app.start(["flower", f"--port={args.port}", f"--address={args.address}"])
+    cfg = Config.load(broker_url=args.broker)
+    app = make_app(cfg, owner=cfg.signer())
+    options = [f"--port={args.port}", f"--address={args.address}"]
+    if args.basic_auth:
+        options.append(f"--basic-auth={args.basic_auth}")
+    app.start(["flower", *options])
     return 0
 
 
@@ -68,32 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-walltime", help="the batch job's walltime, e.g. 47h: drain before reaching it")
     w.add_argument("--drain-margin", help="stop taking tasks this long before --max-walltime")
     w.add_argument("--env", help="serve another environment's queue (default: this Python, e.g. py3.11)")
-    w.add_argument("--hostname", help="worker name (default: mqexec-<env>-<pid>@<host>)")
+    w.add_argument("--hostname", help="worker name (default: mqexec-<env>-<DIRAC job id or pid>@<host>)")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     w.set_defaults(run=_worker)
 
-    s = sub.add_parser("status", help="queue depth and connected workers")
+    k = sub.add_parser("key", help="the signing key: `mqexec key worker` prints what workers trust (MQEXEC_SECRET)")
+    k.add_argument("action", choices=["worker", "show", "new"], nargs="?", default="show")
+    k.add_argument("--force", action="store_true", help="with `new`: replace an existing key")
+    k.set_defaults(run=_key)
+
+    s = sub.add_parser("status", help="queues, workers and clients of this prefix")
     s.add_argument("--broker")
+    s.add_argument("--json", action="store_true", help="machine-readable")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, help="refresh every N seconds (default 2)")
     s.set_defaults(run=_status)
 
-    f = sub.add_parser("flower", help="Celery Flower for mqexec workers (needs mqexec[flower])")
+    f = sub.add_parser("flower", help="Celery Flower for this prefix's workers (needs mqexec[flower])")
     f.add_argument("--broker")
     f.add_argument("--port", type=int, default=5555)
-    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
+    f.add_argument("--basic-auth", help="user:password required by the web UI")
     f.set_defaults(run=_flower)
 
-    _register_optional(sub)
-    return parser
+    from .dirac import register_cli
 
-
-def _register_optional(sub: Any) -> None:
-    """Sub-commands of optional parts (``mqexec submit dirac``, ``mqexec jobs``), when present."""
-    try:
-        from .dirac import register_cli
-    except ImportError:
-        return
     register_cli(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

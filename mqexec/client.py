@@ -1,14 +1,14 @@
 """The futures client: ``submit``/``map``/``gather``/``scatter``/``cancel``, as in ``distributed.Client``.
 
-    Client.submit/map ──(pickle fn once, args per call; batch small calls)──▶ exchange "mqexec"
-        ──▶ task queue mqexec.py3.11 ──▶ workers ──▶ result queue mqexec.results.<session>
-        ──▶ Collector thread ──▶ FutureState (first outcome per key wins) ──▶ Future.result()
+    Client.submit/map ──pickle fn (once per call site), args per call──▶ Ledger ──▶ Courier thread
+        ──▶ task queue P.py3.11 ──▶ workers ──▶ results queue P.results.<session> ──▶ Courier
+        ──▶ FutureState (first outcome per key wins) ──▶ Future.result()  (unpickled lazily, on first use)
 
-A call whose arguments hold futures waits on the client until they are done, then goes out with their values
-in their place (results are on the client anyway; big ones travel as data-lake references instead). A future
-can be cancelled until its result arrives: if its message is still queued, workers are told to drop it.
+Futures anywhere inside the arguments — lists, dicts, namedtuples, objects, dask graphs — stand for their
+values: the call waits on the client until they are done and then goes out with their values (small ones
+inline, big ones shipped once as blobs or read from the data lake by the worker).
 
-    with mqexec.Client("amqp://guest:guest@127.0.0.1:5672//") as client:   # or Client(): embedded default
+    with mqexec.Client("amqp://user:pw@broker.example:5672/vhost") as client:   # or Client(): embedded default
         fut = client.submit(lambda x: x + 1, 41)
         fut.result()                                   # 42
         total = sum(client.gather(client.map(square, range(1000))))
@@ -16,52 +16,31 @@ can be cancelled until its result arrives: if its message is still queued, worke
 
 from __future__ import annotations
 
-import functools
+import collections
+import io
 import logging
 import pickle
-import queue
-import threading
+import reprlib
+import types
 import uuid
-from collections import Counter
+import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from concurrent.futures import Executor
+from concurrent.futures import Future as StdFuture
 from typing import Any
 
-from .app import REPLY_HEADER, TASK_NAME, make_app, queue_name, redact, task_queue, transport_of
-from .blobs import blob_queue_name, put_blob
-from .broker import connect
-from .collector import Collector
+from .broker import connect, redact
 from .config import Config
-from .envelope import Call, FunctionRef, Outcome, TaskEnvelope, environment, sha256
-from .errors import NoWorkerError, RemoteTraceback, SerializationError, TaskDeadLettered
-from .execute import BlobArg, LakeArg, replace_leaves
-from .futures import Future, FutureState, _Lazy
+from .errors import SerializationError
+from .futures import Future, futures_of
+from .ledger import CallRecord, Function, Ledger
+from .topology import blob_queue_name, results_queue_name, task_queue_name
+from .wire import Key, Ref, collecting, resolving, sha256
 
 log = logging.getLogger("mqexec.client")
-_SCATTER_INLINE = 64 * 1024  #: scattered data larger than this is shipped once per worker as a blob
-
-
-@dataclass
-class _Pending:
-    """A call held on the client until the futures in its arguments are done."""
-
-    fn: FunctionRef
-    key: str
-    label: str
-    args: Any
-    retries: int
-    resource: str | None
-    deps: set[str] = field(default_factory=set)
-
-
-@dataclass
-class _Sent:
-    """A task message on its way: its calls' keys, its resource queue, and (embedded default only) the
-    envelope, kept to publish again if the local worker that held it dies."""
-
-    keys: list[str]
-    resource: str | None
-    envelope: TaskEnvelope | None
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlist = _repr.maxdict = _repr.maxtuple = 4
 
 
 def _funcname(fn: Any) -> str:
@@ -70,9 +49,37 @@ def _funcname(fn: Any) -> str:
 
 
 def _label(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    shown = ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()])
+    shown = ", ".join([_repr.repr(a) for a in args] + [f"{k}={_repr.repr(v)}" for k, v in kwargs.items()])
     text = f"{name}({shown})"
     return text if len(text) <= 80 else text[:77] + "...)"
+
+
+def _check_key(key: Any) -> Key:
+    if isinstance(key, str) or (isinstance(key, tuple) and all(isinstance(k, str | int | float) for k in key)):
+        return key
+    raise TypeError(f"a key must be a string or a tuple of strings and numbers, got {key!r}")
+
+
+def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
+    """cloudpickle's reduction of a code object, keeping its file name (for remote tracebacks)."""
+    from cloudpickle import cloudpickle as impl
+
+    ctor, args = impl._code_reduce(code)
+    return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+def _dumps(obj: Any, what: str) -> bytes:
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+    buf = io.BytesIO()
+    try:
+        Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from None
+    return buf.getvalue()
 
 
 class Client:
@@ -83,95 +90,99 @@ class Client:
     6
 
     Args:
-        address: broker URL (``amqp://``, ``amqps://``); None (and no ``MQEXEC_BROKER_URL``) starts the
-            embedded default — a local broker and local worker processes, the same code path as the grid.
-        n_workers: local worker processes of the embedded default (each with ``concurrency`` pool processes).
-        **settings: any :class:`~mqexec.config.Config` field (``secret``, ``lake_url``, ``concurrency``, ...).
+        address: broker URL (``amqp://``, ``amqps://``; ``a;b;c`` for a cluster); None (and no
+            ``MQEXEC_BROKER_URL``) starts the embedded default — local worker processes on a local broker, one
+            per process, shared by every such client.
+        **settings: any :class:`~mqexec.config.Config` field (``lake_url``, ``queue_prefix``, ``concurrency``,
+            ``safe_results`` ...); ``n_workers`` is ``local_workers``.
 
     Raises:
         BrokerError: the broker cannot be reached or refused the login (within ``connect_timeout`` s).
+        ConfigError: a setting is malformed (named, with what is wrong).
     """
 
-    def __init__(self, address: str | None = None, *, n_workers: int = 1, **settings: Any) -> None:
-        cfg = Config.load(broker_url=address, **settings)
+    def __init__(self, address: str | None = None, *, n_workers: int | None = None, **settings: Any) -> None:
+        from .app import make_app
+        from .courier import Courier
+        from .local import shared_cluster
+
+        self.status = "connecting"
+        cfg = Config.load(broker_url=address, local_workers=n_workers, **settings)
         self._local = None
         if cfg.broker_url is None:
-            from .local import LocalCluster
+            self._local = shared_cluster(cfg)
+            cfg = self._local.client_config(cfg)
+        self.config = cfg
+        self._identity = cfg.signer()
+        self.session = uuid.uuid4().hex[:16]
+        self.reply_to = results_queue_name(cfg, self.session)
+        self._ledger = Ledger(cfg.delivery_limit, cfg.lease_timeout)
+        self._app = make_app(cfg, owner=self._identity)
+        self._shipper = None
+        if cfg.ship_code:
+            from .codeship import Shipper
 
-            self._local = LocalCluster(cfg, n_workers=n_workers)
-            cfg = self._local.config
-        self.config = cfg.with_secret()
-        self.session = uuid.uuid4().hex[:12]
-        self.reply_to = f"{cfg.queue_prefix}.results.{self.session}"
-        self._transport = transport_of(cfg.broker_url or "")
-        self._env = environment()
-        self._lock = threading.RLock()
-        self._states: dict[str, FutureState] = {}
-        self._inflight: dict[str, str] = {}  # call key → message id, until its outcome arrives
-        self._messages: dict[str, _Sent] = {}  # message id → what was sent, until all its outcomes arrived
-        self._waiting: dict[str, _Pending] = {}  # call key → held call
-        self._dependents: dict[str, set[str]] = {}  # dep key → keys of held calls
-        self._scattered: dict[str, str] = {}  # key → blob digest
-        self._refs: dict[str, dict[str, Any]] = {}  # key → data-lake ref of its result
-        self._blobs: set[str] = set()
-        self._declared: set[str | None] = set()
-        self._handles: Counter[str] = Counter()  # key → live Future handles
-        self._released: queue.SimpleQueue[str] = queue.SimpleQueue()  # filled by Future.release/__del__
+            self._shipper = Shipper()
+        self._courier = Courier(self)
         try:
-            self._conn = connect(self.config)
+            self._courier.connect_first()
         except BaseException:
-            self._close_local()
+            self._release_local()
             raise
-        self._app = make_app(self.config)
-        self._collector = Collector(self)
-        self._collector.start()
-        self._collector.ready.wait(self.config.connect_timeout + 5)
+        self._courier.start()
+        self._dask_default: Any = None
         self.status = "running"
         log.info(
-            "client %s connected to %s (queue %s)",
-            self.session,
-            redact(self.config.broker_url or ""),
-            queue_name(self.config),
+            "client %s connected to %s (queue %s)", self.session, redact(cfg.broker_url or ""), task_queue_name(cfg)
         )
 
-    # -- public API ---------------------------------------------------------------------------------------
+    # -- submitting ------------------------------------------------------------------------------------------
 
     def submit(
         self,
         fn: Callable[..., Any],
         *args: Any,
-        key: str | None = None,
+        key: Key | None = None,
         pure: bool = True,
-        retries: int = 0,
+        retries: int | None = 0,
         priority: int = 0,
         resources: dict[str, float] | None = None,
         label: str | None = None,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        fifo_timeout: Any = None,
         **kwargs: Any,
     ) -> Future:
-        """Run ``fn(*args, **kwargs)`` on a worker; returns its :class:`Future`.
+        """Run ``fn(*args, **kwargs)`` on a worker (``async def`` functions are awaited there); its :class:`Future`.
 
         >>> client.submit(lambda x: x + 1, 41).result()    # doctest: +SKIP
         42
 
         Args:
-            key: the future's key; by default ``<name>-<hash of fn and arguments>`` (``pure=True``: the same
-                call gives the same future) or ``<name>-<uuid>`` (``pure=False``).
+            key: the future's key (a string or a tuple); by default ``<name>-<hash of fn and arguments>``
+                (``pure=True``: the same call gives the same future) or ``<name>-<uuid>`` (``pure=False``).
             retries: extra attempts on the worker if ``fn`` raises.
-            priority: accepted for ``distributed`` compatibility; quorum queues (RabbitMQ 3.x) are FIFO, so
-                tasks run in the order they were submitted.
+            priority: accepted for ``distributed`` compatibility; quorum queues (RabbitMQ 3.x) are FIFO.
             resources: e.g. ``{"GPU": 1}`` routes to workers started with ``--resources GPU=1``.
             label: a readable name for logs and Flower (default: the call, shortened).
+            workers, allow_other_workers, fifo_timeout: accepted for ``distributed`` compatibility; mqexec
+                workers take tasks from a shared queue, so placement cannot be chosen (docs/compatibility.md).
 
         Raises:
             SerializationError: ``fn`` or an argument cannot be pickled (names which).
         """
+        if workers is not None:
+            warnings.warn(
+                "mqexec cannot place a task on given workers (workers=...): any worker of the queue runs it",
+                stacklevel=2,
+            )
         return self._submit(
             fn,
             [(args, kwargs)],
-            [key] if key else None,
+            [_check_key(key)] if key is not None else None,
+            None,
             pure,
-            retries,
-            priority,
+            retries or 0,
             resources,
             [label] if label else None,
             batch_size=1,
@@ -181,61 +192,147 @@ class Client:
         self,
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
-        key: str | list[str] | None = None,
+        key: str | list[Key] | None = None,
         pure: bool = True,
-        retries: int = 0,
+        retries: int | None = 0,
         priority: int = 0,
         resources: dict[str, float] | None = None,
         batch_size: int | None = None,
         labels: list[str] | None = None,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        fifo_timeout: Any = None,
         **kwargs: Any,
     ) -> list[Future]:
         """``fn`` over the zipped iterables, one future per call.
 
         Small calls are batched into fewer broker messages (``batch_size``; default: about 200 messages per
-        map, at most 50 calls each); each call keeps its own future.
+        map, at most 50 calls each); each call keeps its own future. ``key``: a prefix of the keys (as in
+        ``distributed``) or the list of keys.
 
         >>> sum(client.gather(client.map(lambda x: x * x, range(1000))))    # doctest: +SKIP
         332833500
         """
         calls = [(tuple(args), dict(kwargs)) for args in zip(*iterables, strict=False)]
-        keys = key if isinstance(key, list) else None
-        if isinstance(key, str):
-            keys = [f"{key}-{i}" for i in range(len(calls))]
+        keys = [_check_key(k) for k in key] if isinstance(key, list) else None
+        if keys is not None and len(keys) != len(calls):
+            raise ValueError(f"map got {len(keys)} keys for {len(calls)} calls")
         if batch_size is None:
             batch_size = max(1, min(50, -(-len(calls) // 200)))
-        return self._submit(fn, calls, keys, pure, retries, priority, resources, labels, batch_size)
+        prefix = key if isinstance(key, str) else None
+        return self._submit(fn, calls, keys, prefix, pure, retries or 0, resources, labels, batch_size)
 
-    def gather(self, futures: Any, errors: str = "raise") -> Any:
-        """The results of futures, in the same structure (a future, or lists/tuples/dicts of them).
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        keys: list[Key] | None,
+        prefix: str | None,
+        pure: bool,
+        retries: int,
+        resources: dict[str, float] | None,
+        labels: list[str] | None,
+        batch_size: int,
+    ) -> list[Future]:
+        if self.status != "running":
+            raise RuntimeError(f"this client is {self.status}")
+        if not callable(fn):
+            raise TypeError(f"first argument must be callable, got {fn!r}")
+        name = _funcname(fn)
+        with collecting() as fn_deps:
+            pickled = _dumps(fn, f"the function {name!r} ({fn!r})")
+        function = self._function(pickled, name)
+        resource = ",".join(sorted(resources)) if resources else None
+        group = self._ledger.new_group() if batch_size > 1 else 0
+        futures: list[Future] = []
+        for i, (args, kwargs) in enumerate(calls):
+            with collecting() as deps:
+                payload = _dumps((args, kwargs), f"the arguments of {name}() call {i}")
+            if keys is not None:
+                key = keys[i]
+            else:
+                token = sha256(f"{function.hash}:{function.code.blob if function.code else ''}".encode() + payload)
+                key = f"{prefix or name}-{token[:32] if pure else uuid.uuid4().hex}"
+            state, new = self._ledger.state(key)
+            futures.append(Future(key, state, self))
+            if not new:
+                continue
+            label = labels[i] if labels else _label(name, args, kwargs)
+            args_ref = self._ref(payload)
+            self._ledger.add(
+                CallRecord(
+                    key, label, function, args_ref, frozenset(deps | fn_deps), retries, resource, group, batch_size
+                )
+            )
+        self._courier.wake()
+        return futures
+
+    def _function(self, pickled: bytes, name: str) -> Function:
+        digest = sha256(pickled)
+        ref = (
+            Ref.inline(pickled) if len(pickled) <= self.config.inline_limit else self._courier.put_blob(pickled, digest)
+        )
+        code = None
+        if self._shipper is not None:
+            archive = self._shipper.current()
+            if archive is not None:
+                code = self._courier.put_blob(archive.data, archive.digest)
+        return Function(digest, ref, name, code)
+
+    def _ref(self, payload: bytes) -> Ref:
+        if len(payload) <= self.config.arg_inline_limit:
+            return Ref.inline(payload)
+        return self._courier.put_blob(payload)
+
+    # -- results -----------------------------------------------------------------------------------------------
+
+    def gather(
+        self, futures: Any, errors: str = "raise", direct: bool | None = None, asynchronous: bool | None = None
+    ) -> Any:
+        """The results of futures, in the same structure (a future, or lists/tuples/sets/dicts of them).
 
         Args:
             errors: ``"raise"`` re-raises the first error; ``"skip"`` leaves failed futures out.
+            direct: accepted for ``distributed`` compatibility (results always come through the broker).
         """
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
-        if isinstance(futures, Future):
-            return futures.result()
-        if isinstance(futures, dict):
-            out = {k: self.gather([v], errors) for k, v in futures.items()}
-            return {k: v[0] for k, v in out.items() if v}
-        if isinstance(futures, list | tuple | set):
-            values = []
-            for f in futures:
-                if isinstance(f, Future) and errors == "skip":
-                    f._wait(None)
-                    if f.status != "finished":
-                        continue
-                values.append(self.gather(f, errors) if isinstance(f, Future | list | tuple | dict) else f)
-            return type(futures)(values) if not isinstance(futures, set) else values
-        return futures
+        __tracebackhide__ = True
 
-    def scatter(self, data: Any, hash: bool = True, broadcast: bool = False) -> Any:
+        def one(x: Any) -> Any:
+            if isinstance(x, Future):
+                return x.result()
+            if isinstance(x, dict):
+                return {k: one(v) for k, v in x.items() if not _skipped(v)}
+            if isinstance(x, list | tuple | set | frozenset):
+                values = [one(v) for v in x if not _skipped(v)]
+                return values if isinstance(x, set | frozenset) else type(x)(values)
+            return x
+
+        def _skipped(v: Any) -> bool:
+            if errors == "skip" and isinstance(v, Future):
+                v._wait(None)
+                return v.status != "finished"
+            return False
+
+        return one(futures)
+
+    def scatter(
+        self,
+        data: Any,
+        workers: Any = None,
+        broadcast: bool = False,
+        direct: bool | None = None,
+        hash: bool = True,
+        timeout: Any = None,
+        asynchronous: bool | None = None,
+    ) -> Any:
         """Ship data to the workers once (content-addressed); returns futures to pass to tasks.
 
-        A list or dict scatters each element (as ``distributed`` does); anything else becomes one future.
-        Data over 64 KiB is sent to the broker once and cached by each worker; smaller data travels inside
-        the calls that use it.
+        A list, tuple or dict scatters each element (as ``distributed`` does); anything else becomes one future.
+        Every worker can read every scattered value (``broadcast`` is therefore always true); values over
+        ``arg_inline_limit`` are put on the broker once and cached by each worker, smaller ones travel inside the
+        calls that use them.
 
         >>> big = client.scatter(np.arange(10**7))          # doctest: +SKIP
         >>> client.submit(np.sum, big).result()             # doctest: +SKIP
@@ -247,77 +344,166 @@ class Client:
         return self._scatter_one(data, hash)
 
     def _scatter_one(self, data: Any, hash: bool) -> Future:
-        payload = self._dumps(data, "the scattered data")
-        digest = sha256(payload)
-        key = f"{type(data).__name__}-{digest[:32] if hash else uuid.uuid4().hex}"
-        with self._lock:
-            state = self._states.setdefault(key, FutureState())
-            if len(payload) > _SCATTER_INLINE:  # small data rides inside the calls that use it
-                self._scattered[key] = self._put_blob(payload, digest)
-        state.finish(data)
+        payload = _dumps(data, "the scattered data")
+        key = f"{type(data).__name__}-{sha256(payload)[:32] if hash else uuid.uuid4().hex}"
+        state, new = self._ledger.state(key)
+        if new:
+            ref = self._ref(payload)
+            with self._ledger.lock:
+                self._ledger.values[key] = ref
+            state.finish(data, f"{type(data).__module__}.{type(data).__qualname__}")
         return Future(key, state, self)
 
-    def cancel(self, futures: Future | Iterable[Future]) -> bool:
-        """Cancel futures; those still queued are revoked on the workers. True if any was pending."""
-        futures = [futures] if isinstance(futures, Future) else list(futures)
-        revoke: list[str] = []
-        any_pending = False
-        with self._lock:
-            for f in futures:
-                state = self._states.get(f.key)
-                if state is None or not state.cancel():
-                    continue
-                any_pending = True
-                self._waiting.pop(f.key, None)
-                msg = self._inflight.get(f.key)
-                sent = self._messages.get(msg) if msg is not None else None
-                self._landed(f.key)
-                if (
-                    msg is not None
-                    and sent is not None
-                    and all(self._states.get(k, f._state).status == "cancelled" for k in sent.keys)
-                ):
-                    revoke.append(msg)
+    def cancel(
+        self,
+        futures: Any,
+        asynchronous: bool | None = None,
+        force: bool = False,
+        reason: str | None = None,
+        msg: str | None = None,
+    ) -> bool:
+        """Cancel futures: tasks not yet run are dropped by the workers, finished results are released, and
+        calls waiting on them end cancelled too. Only this client's own tasks are affected. True if any was
+        pending."""
+        keys = [f.key for f in futures_of(futures)]
+        any_pending, revoke = self._ledger.cancel(keys)
         if revoke:
-            self._app.control.revoke(revoke)
+            try:
+                self._app.control.revoke(revoke)
+            except Exception as exc:  # the workers then run them; their results are dropped
+                log.warning("could not tell the workers to drop %d cancelled task(s): %s", len(revoke), exc)
         return any_pending
 
-    def close(self) -> None:
-        """Cancel what is still pending, delete this session's queues and stop the embedded workers."""
-        if self.status == "closed":
-            return
-        self.status = "closed"
-        with self._lock:
-            pending = [Future(k, s, None) for k, s in self._states.items() if s.status == "pending"]
-        for f in pending:
-            f._state.cancel()
-        self._collector.stop()
-        self._collector.join(timeout=5)
-        try:
-            channel = self._conn.default_channel
-            for name in [self.reply_to] + [blob_queue_name(self.config.queue_prefix, d) for d in self._blobs]:
-                channel.queue_delete(name)
-        except Exception as exc:  # the broker may already be gone; the queues then expire on their own
-            log.debug("could not delete session queues: %s", exc)
-        self._conn.release()
-        self._close_local()
-        log.info("client %s closed", self.session)
+    def _loader(self, data: bytes | None, ref: Ref) -> Callable[[], Any]:
+        """How a result is unpickled on first use: fetched from the lake if it went there; restricted if
+        ``safe_results``."""
+        safe = self.config.safe_results
+
+        def load() -> Any:
+            raw = data if data is not None else self._from_lake(ref)
+            if safe:
+                from .safepickle import loads
+
+                return loads(raw)
+            import cloudpickle
+
+            return cloudpickle.loads(raw)
+
+        return load
+
+    def _from_lake(self, ref: Ref) -> bytes:
+        from .lake import LakeRef, open_lake
+
+        assert ref.lake is not None
+        lake = open_lake(self.config.lake_url or ref.lake["url"])
+        assert lake is not None
+        return bytes(lake.get(LakeRef.from_dict(ref.lake)))
+
+    # -- the call, again, here -----------------------------------------------------------------------------------
+
+    def _local_call(self, future: Future) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        import cloudpickle
+
+        with self._ledger.lock:
+            call = self._ledger.finished_calls.get(future.key) or self._ledger.calls.get(future.key)
+        if call is None:
+            raise ValueError(f"this client no longer knows how {future.key!r} was computed")
+
+        def data(ref: Ref) -> bytes:
+            return ref.data if ref.data is not None else self._courier.blob_bytes(ref)
+
+        def value(key: Key) -> Any:
+            state, _ = self._ledger.state(key)
+            return Future(key, state, self).result()
+
+        with resolving(value):
+            fn = cloudpickle.loads(data(call.fn.ref))
+            args, kwargs = cloudpickle.loads(data(call.args))
+        return fn, args, kwargs
+
+    def recreate_task_locally(self, future: Future) -> Any:
+        """Run ``future``'s call here, in this process (for a debugger), and return its result."""
+        fn, args, kwargs = self._local_call(future)
+        return fn(*args, **kwargs)
+
+    def recreate_error_locally(self, future: Future) -> None:
+        """Run a failed future's call here, so its exception is raised in this process (``%debug`` works)."""
+        future._wait(None)
+        if future.status != "error":
+            raise ValueError(f"{future.key!r} did not fail (status {future.status})")
+        fn, args, kwargs = self._local_call(future)
+        fn(*args, **kwargs)
+
+    def get_executor(self, **kwargs: Any) -> Executor:
+        """A ``concurrent.futures.Executor`` that submits to this client (``kwargs`` go to every submit)."""
+        return _ClientExecutor(self, kwargs)
+
+    # -- dask --------------------------------------------------------------------------------------------------
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-        """Compute a dask graph on the workers: a dask scheduler, ``dask.compute(x, scheduler=client.get)``.
-
-        Chains of tasks that need no other chain run as one mqexec task (graph fusion); see
-        :mod:`mqexec.adapters.dask`.
-        """
+        """Compute a dask graph on the workers: a dask scheduler, ``dask.compute(x, scheduler=client.get)``."""
         from .adapters.dask import get
 
         return get(self, dsk, keys, **kwargs)
 
     def compute(self, collections: Any, sync: bool = False, **kwargs: Any) -> Any:
-        """Submit dask collections; returns a Future per collection (their values if ``sync=True``)."""
+        """Submit dask collections (also inside lists, tuples and dicts); futures, or values if ``sync``."""
         from .adapters.dask import compute
 
         return compute(self, collections, sync=sync, **kwargs)
+
+    def persist(self, collections: Any, **kwargs: Any) -> Any:
+        """Start computing dask collections; the same collections, now backed by futures (``wait`` on them)."""
+        from .adapters.dask import persist
+
+        return persist(self, collections, **kwargs)
+
+    # -- life cycle ----------------------------------------------------------------------------------------------
+
+    def close(self, timeout: Any = None) -> None:
+        """Cancel what is still pending, delete this session's queues and release the embedded workers."""
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "closing"
+        for state in self._ledger.pending_states():
+            state.cancel("the client was closed")
+        self._courier.stop()
+        self._courier.join(timeout=10)
+        self._delete_queues()
+        self._release_local()
+        self.status = "closed"
+        log.info("client %s closed", self.session)
+
+    shutdown = close
+
+    def _delete_queues(self) -> None:
+        names = [self.reply_to]
+        for digest, parts in self._courier.blobs.items():
+            names += (
+                [blob_queue_name(self.config, digest)]
+                if not parts
+                else [blob_queue_name(self.config, digest, i) for i in range(parts)]
+            )
+        try:
+            with connect(self.config) as conn:
+                channel = conn.channel()
+                for name in names:
+                    channel.queue_delete(name)
+        except Exception as exc:
+            log.warning(
+                "client %s could not delete its %d queue(s) (%s ...): %s — the broker deletes them %g s "
+                "after this client went",
+                self.session,
+                len(names),
+                names[0],
+                exc,
+                self.config.session_expire,
+            )
+
+    def _release_local(self) -> None:
+        if self._local is not None:
+            self._local.release()
+            self._local = None
 
     def __enter__(self) -> Client:
         """Inside ``with Client(...)``, dask computes on this client (as with ``distributed.Client``)."""
@@ -326,12 +512,12 @@ class Client:
         if importlib.util.find_spec("dask") is not None:
             from .adapters.dask import default_scheduler
 
-            self._dask_default: Any = default_scheduler(self)
+            self._dask_default = default_scheduler(self)
             self._dask_default.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if getattr(self, "_dask_default", None) is not None:
+        if self._dask_default is not None:
             self._dask_default.__exit__(None, None, None)
             self._dask_default = None
         self.close()
@@ -339,310 +525,51 @@ class Client:
     def __repr__(self) -> str:
         return f"<mqexec.Client {redact(self.config.broker_url or '')} session={self.session} {self.status}>"
 
-    # -- submission ---------------------------------------------------------------------------------------
+    def _repr_html_(self) -> str:
+        import html
 
-    def _dumps(self, obj: Any, what: str) -> bytes:
-        import cloudpickle
-
-        try:
-            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from None
-
-    def _submit(
-        self,
-        fn: Callable[..., Any],
-        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-        keys: list[str] | None,
-        pure: bool,
-        retries: int,
-        priority: int,
-        resources: dict[str, float] | None,
-        labels: list[str] | None,
-        batch_size: int,
-    ) -> list[Future]:
-        if self.status == "closed":
-            raise RuntimeError("this client is closed")
-        if not callable(fn):
-            raise TypeError(f"first argument must be callable, got {fn!r}")
-        name = _funcname(fn)
-        pickled = self._dumps(fn, f"the function {name!r} ({fn!r})")
-        ref = FunctionRef.of(pickled, self.config.inline_limit)
-        if ref.inline is None:
-            self._put_blob(pickled, ref.hash)
-        resource = ",".join(sorted(resources)) if resources else None
-        futures: list[Future] = []
-        ready: list[Call] = []
-        with self._lock:
-            for i, (args, kwargs) in enumerate(calls):
-                deps = _futures_in((args, kwargs))
-                payload = self._dumps((args, kwargs), f"argument of {name}() call {i}")
-                if keys is not None:
-                    key = keys[i]
-                elif pure:
-                    key = f"{name}-{sha256(ref.hash.encode() + payload)[:32]}"
-                else:
-                    key = f"{name}-{uuid.uuid4().hex}"
-                label = labels[i] if labels else _label(name, args, kwargs)
-                state = self._states.get(key)
-                if state is not None and state.status != "cancelled":
-                    futures.append(Future(key, state, self))
-                    continue
-                state = self._states[key] = FutureState()
-                futures.append(Future(key, state, self))
-                if deps:
-                    self._hold(_Pending(ref, key, label, (args, kwargs), retries, resource, deps))
-                else:
-                    ready.append(Call(key, label, payload, retries))
-        if ready:
-            self._publish(ref, ready, resource, batch_size)
-        return futures
-
-    def _hold(self, pending: _Pending) -> None:
-        """Keep a call until its dependencies are done (called under the lock)."""
-        self._waiting[pending.key] = pending
-        for dep in list(pending.deps):
-            state = self._states.get(dep)
-            if state is None:
-                raise ValueError(f"{pending.label} depends on future {dep}, which this client does not know")
-            self._dependents.setdefault(dep, set()).add(pending.key)
-            state.on_done(functools.partial(self._dependency_done, dep))
-
-    def _dependency_done(self, dep: str) -> None:
-        release: list[_Pending] = []
-        with self._lock:
-            state = self._states[dep]
-            for key in self._dependents.pop(dep, set()):
-                pending = self._waiting.get(key)
-                if pending is None:
-                    continue
-                if state.status != "finished":
-                    del self._waiting[key]
-                    exc = state.exception or RuntimeError(f"dependency {dep} was {state.status}")
-                    self._states[key].fail(exc, state.traceback)
-                    continue
-                pending.deps.discard(dep)
-                if not pending.deps:
-                    release.append(self._waiting.pop(key))
-        for p in release:
-            try:
-                args = replace_leaves(p.args, Future, self._argument_for)
-                call = Call(p.key, p.label, self._dumps(args, f"argument of {p.label}"), p.retries)
-                self._publish(p.fn, [call], p.resource, 1)
-            except Exception as exc:
-                self._states[p.key].fail(exc)
-
-    def _argument_for(self, future: Future) -> Any:
-        """What stands for a finished future inside another call's arguments."""
-        if future.key in self._scattered:
-            return BlobArg(self._scattered[future.key])
-        if future.key in self._refs:
-            return LakeArg(self._refs[future.key])
-        return future._state.value()
-
-    def _queue_for(self, resource: str | None) -> Any:
-        queue = task_queue(self.config, resource)
-        if resource not in self._declared:
-            queue(self._conn.default_channel).declare()
-            self._declared.add(resource)
-        return queue
-
-    def _publish(self, fn: FunctionRef, calls: list[Call], resource: str | None, batch_size: int) -> None:
-        with self._lock:
-            queue = self._queue_for(resource)
-            for start in range(0, len(calls), batch_size):
-                batch = tuple(calls[start : start + batch_size])
-                msg_id = batch[0].key if len(batch) == 1 else f"batch-{uuid.uuid4().hex}"
-                envelope = TaskEnvelope(msg_id, self._env, fn, batch, self.reply_to, self.config.lake_url)
-                self._messages[msg_id] = _Sent(
-                    [c.key for c in batch], resource, envelope if self._local is not None else None
-                )
-                for c in batch:
-                    self._inflight[c.key] = msg_id
-                self._send(envelope, queue)
-
-    def _send(self, envelope: TaskEnvelope, queue: Any) -> None:
-        first = envelope.calls[0].label
-        self._app.send_task(
-            TASK_NAME,
-            args=[envelope.encode(self.config.secret)],
-            task_id=envelope.id,
-            queue=queue,
-            headers={REPLY_HEADER: self.reply_to},
-            connection=self._conn,
-            argsrepr=first if len(envelope.calls) == 1 else f"{len(envelope.calls)} calls: {first} ...",
-            kwargsrepr="{}",
-            shadow=first.split("(", 1)[0],
+        return (
+            f"<strong>mqexec.Client</strong> {html.escape(redact(self.config.broker_url or 'embedded'))} "
+            f"· queue {html.escape(task_queue_name(self.config))} · session {self.session} · {self.status}"
         )
 
-    def _put_blob(self, data: bytes, digest: str) -> str:
-        with self._lock:
-            if digest not in self._blobs:
-                put_blob(self._conn, self.config.queue_prefix, data, digest, self.config.results_expire)
-                self._blobs.add(digest)
-        return digest
 
-    # -- called by the collector thread ---------------------------------------------------------------------
+class _ClientExecutor(Executor):
+    """``client.get_executor()``: the standard library's executor interface on top of a client."""
 
-    def results_queue(self, channel: Any) -> Any:
-        """Declare (idempotently) and return this session's result queue, bound to the dead-letter exchange
-        where the transport has one."""
-        from kombu import Queue
+    def __init__(self, client: Client, kwargs: dict[str, Any]) -> None:
+        self._client, self._kwargs = client, kwargs
+        self._futures: set[Future] = set()
+        self._shutdown = False
 
-        from .app import dead_letter_queues
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> StdFuture[Any]:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        fut = self._client.submit(fn, *args, pure=False, **self._kwargs, **kwargs)
+        self._futures.add(fut)
+        std: StdFuture[Any] = StdFuture()
+        std.set_running_or_notify_cancel()
 
-        if self._transport.quorum:
-            dead, mine = dead_letter_queues(self.config, self.reply_to)
-            dead(channel).declare()
-            return mine(channel)
-        return Queue(self.reply_to, exchange="", routing_key=self.reply_to, durable=True)(channel)
-
-    def _settle(self, outcome: Outcome, worker: str) -> None:
-        with self._lock:
-            state = self._states.get(outcome.key)
-            self._landed(outcome.key)
-            if outcome.ok and outcome.ref:
-                self._refs[outcome.key] = outcome.ref
-        if state is None or state.status != "pending":
-            return  # a duplicate (redelivered task) or a cancelled future: the first outcome stands
-        if outcome.ok:
-            state.finish(_Lazy(lambda: self._load_value(outcome)))
-        else:
-            exc = pickle.loads(outcome.data) if outcome.data else RuntimeError("remote failure without details")
-            if outcome.traceback:
-                exc.__cause__ = RemoteTraceback(f"on worker {worker}:\n{outcome.traceback}")
-            state.fail(exc, outcome.traceback)
-        with self._lock:
-            self._forget_if_done(outcome.key)  # nobody holds a handle any more
-
-    def _load_value(self, outcome: Outcome) -> Any:
-        import cloudpickle
-
-        if outcome.ref is not None:
-            from .lake import LakeRef, open_lake
-
-            lake = open_lake(self.config.lake_url)
-            assert lake is not None, "a result went to the data lake, but this client has no lake_url"
-            return cloudpickle.loads(lake.get(LakeRef.from_dict(outcome.ref)))
-        return cloudpickle.loads(outcome.data or b"")
-
-    def _dead_lettered(self, task: TaskEnvelope, reason: str, count: Any) -> None:
-        why = {
-            "delivery_limit": f"it was delivered {count or 'too many'} times and its worker died every "
-            "time (a crash, out of memory, or os._exit in the task?)",
-            "rejected": "a worker rejected it (bad signature or malformed envelope)",
-        }.get(reason, reason)
-        for call in task.calls:
-            with self._lock:
-                self._landed(call.key)
-                state = self._states.get(call.key)
-            if state is not None:
-                state.fail(TaskDeadLettered(f"task {call.label} [{call.key}] was dead-lettered: {why}"))
-
-    def _landed(self, key: str) -> None:
-        """The call ``key`` is no longer in flight; its message's record goes with its last call (under the
-        lock)."""
-        msg = self._inflight.pop(key, None)
-        if msg is None:
-            return
-        sent = self._messages.get(msg)
-        if sent is not None and all(k not in self._inflight for k in sent.keys):
-            del self._messages[msg]
-
-    def _retain(self, key: str) -> None:
-        with self._lock:
-            self._handles[key] += 1
-
-    def _purge(self) -> None:
-        """Forget the results of keys whose last Future handle is gone (called by the collector thread)."""
-        with self._lock:
-            while True:
+        def done() -> None:
+            self._futures.discard(fut)
+            if fut.status == "finished":
                 try:
-                    key = self._released.get_nowait()
-                except queue.Empty:
-                    return
-                self._handles[key] -= 1
-                if self._handles[key] <= 0:
-                    del self._handles[key]
-                    self._forget_if_done(key)
+                    std.set_result(fut.result())
+                except BaseException as exc:  # a value that cannot be loaded
+                    std.set_exception(exc)
+            elif fut.status == "error":
+                std.set_exception(fut._state.exception)
+            else:
+                std.set_exception(fut._state.exception or RuntimeError(f"{fut.key} was {fut.status}"))
 
-    def _forget_if_done(self, key: str) -> None:
-        state = self._states.get(key)
-        if state is not None and state.status != "pending" and key not in self._handles:
-            del self._states[key]
-            self._refs.pop(key, None)
-            self._scattered.pop(key, None)
+        fut._state.on_done(done)
+        return std
 
-    def _in_flight(self) -> bool:
-        return bool(self._inflight)
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            self._client.cancel(list(self._futures))
+        if wait:
+            from .futures import wait as wait_for
 
-    def _check_workers(self) -> None:
-        """Fail the waiting futures of queues nobody consumes while workers of other envs are connected."""
-        if self._local is not None:
-            restarted, problem = self._local.supervise()
-            if problem:
-                self._fail_inflight(lambda resource: True, NoWorkerError(problem))
-            elif restarted:
-                with self._lock:
-                    for msg_id, sent in self._messages.items():
-                        if sent.envelope is not None:
-                            log.info("republishing %s, which the dead local worker may have held", msg_id)
-                            self._send(sent.envelope, self._queue_for(sent.resource))
-            return
-        if not self._transport.quorum:
-            return
-        with self._lock:
-            resources = {self._messages[m].resource for m in set(self._inflight.values())}
-        try:
-            with connect(self.config) as conn:
-                counts = {
-                    r: task_queue(self.config, r)(conn.default_channel).queue_declare(passive=True)[2]
-                    for r in resources
-                }
-        except Exception as exc:
-            log.debug("worker check failed: %s", exc)
-            return
-        idle = [r for r, n in counts.items() if n == 0]
-        if not idle:
-            return
-        replies = self._app.control.inspect(timeout=1.0).active_queues() or {}
-        ours = f"{self.config.queue_prefix}."
-        served_by = {w: sorted(q["name"] for q in qs if q["name"].startswith(ours)) for w, qs in replies.items()}
-        served_by = {w: qs for w, qs in served_by.items() if qs}
-        served = sorted({q for qs in served_by.values() for q in qs})
-        names = ", ".join(queue_name(self.config, r) for r in idle)
-        if not served:
-            log.warning(
-                "no worker is connected yet; tasks wait in %s (start one: mqexec worker --broker %s)",
-                names,
-                redact(self.config.broker_url or ""),
-            )
-            return
-        error = NoWorkerError(
-            f"no worker serves {names} (this client: Python {self._env['python']}, "
-            f"env {self.config.env}); the {len(served_by)} connected worker(s) serve: "
-            f"{', '.join(served)}"
-        )
-        log.error("%s", error)
-        self._fail_inflight(lambda resource: resource in idle, error)
-
-    def _fail_inflight(self, which: Callable[[str | None], bool], exc: BaseException) -> None:
-        with self._lock:
-            doomed = [k for k, m in self._inflight.items() if which(self._messages[m].resource)]
-            for k in doomed:
-                self._landed(k)
-        for k in doomed:
-            state = self._states.get(k)
-            if state is not None:
-                state.fail(exc)
-
-    def _close_local(self) -> None:
-        if self._local is not None:
-            self._local.close()
-            self._local = None
-
-
-def _futures_in(obj: Any) -> set[str]:
-    keys: set[str] = set()
-    replace_leaves(obj, Future, lambda f: keys.add(f.key))
-    return keys
+            wait_for(list(self._futures))

@@ -1,9 +1,9 @@
 """The one error family mqexec raises of its own.
 
-Remote exceptions are *not* wrapped: a task that raised ``KeyError`` re-raises ``KeyError`` in the client,
-with the remote traceback attached as ``__cause__`` (a :class:`RemoteTraceback`). What is listed here are the
-failures of the system itself — a broker that cannot be reached, no worker for the client's environment, a
-task that the broker dead-lettered — each with a message that names the cause.
+Remote exceptions are *not* wrapped: a task that raised ``KeyError`` re-raises ``KeyError`` in the client, with
+the remote traceback's frames on it (see :mod:`mqexec.remote`). What is listed here are the failures of the
+system itself — a broker that cannot be reached, no worker for the client's environment, a task that could not
+be run — each with a message that names the cause.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class ConfigError(MQExecError, ValueError):
 
 
 class BrokerError(MQExecError, ConnectionError):
-    """The broker cannot be reached, or refused the login."""
+    """The broker cannot be reached, refused the login, or refused a message."""
 
 
 class NoWorkerError(MQExecError):
@@ -26,8 +26,8 @@ class NoWorkerError(MQExecError):
 
 
 class TaskDeadLettered(MQExecError):
-    """The broker gave up on a task: its delivery limit was reached (it killed its worker every time) or a
-    worker rejected it (bad signature, malformed envelope)."""
+    """A task could not be run: it was started ``delivery_limit`` times and its worker died every time (a crash,
+    out of memory, ``os._exit`` in the task), or the broker gave up on its message."""
 
 
 class SignatureError(MQExecError):
@@ -42,16 +42,17 @@ class SerializationError(MQExecError, TypeError):
     """A function, argument or result cannot be pickled (or unpickled where it has to run)."""
 
 
+class UnsafeResultError(SerializationError):
+    """A result holds a class that the client's restricted unpickler does not allow (see ``mqexec.allow``)."""
+
+
 class RemoteError(MQExecError):
-    """A remote exception whose own type could not be sent back; carries its type name and message."""
+    """A remote exception whose own type cannot be rebuilt here; carries its type name and message.
 
+    Attributes:
+        remote_type: ``module.QualifiedName`` of the exception raised on the worker.
+    """
 
-class RemoteTraceback(Exception):
-    """Carries the formatted remote traceback; set as ``__cause__`` of a re-raised remote exception."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.tb}"""'
+    def __init__(self, message: str, remote_type: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type

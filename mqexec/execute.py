@@ -1,224 +1,229 @@
-"""The task body a worker runs for every task message.
+"""The body of every task message, in a worker's pool process.
 
-    delivery ──▶ verify signature ──(forged: reject, dead-lettered, never unpickled)
-             ──▶ check environment ──(other Python: error result, never unpickled)
-             ──▶ function by hash (inline, else blob cache) ──▶ for each call: unpickle args, resolve refs,
-                 run (with retries) ──▶ one signed result message to the client's result queue ──▶ ack
+    task (checked by the gate, intake.py) ──▶ Python version? (else: EnvironmentMismatch, nothing unpickled)
+        ──▶ the analysis's modules (codeship.Installer) ──▶ the function (inline, or blob cache by hash)
+        ──▶ for each call: arguments (futures inside resolved to their values) ──▶ run (retries; coroutines
+            awaited) ──▶ value pickled: inline · data lake (above result_inline_limit, when configured) ·
+            pieces (above piece_size, without a lake)
+        ──▶ piece frames + one result frame, signed, publisher-confirmed ──▶ the client's results queue
 
-The message is acknowledged only after the result was published with a publisher confirm
-(``task_acks_late``), so a worker that dies before that leaves the task to be delivered again.
+Errors travel as descriptions (``remote.py``), never as pickles. Publishing is retried across broker blips for
+up to ``lease_timeout``; if it still fails, the client's lease runs out and it sends the task again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import pickle
 import time
-import traceback
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .blobs import BlobCache
-from .envelope import Call, Outcome, ResultEnvelope, TaskEnvelope, environment
-from .errors import EnvironmentMismatch, RemoteError, SerializationError, SignatureError
+from .blobs import BlobCache, MissingBlob, pieces
+from .codeship import Installer
+from .errors import EnvironmentMismatch, SerializationError
+from .remote import describe
+from .wire import PYTHON, Call, Frame, Key, Outcome, Ref, Task, key_to_json, resolving, result_frame, sha256
 
 if TYPE_CHECKING:
-    from celery import Celery
-
     from .config import Config
 
 log = logging.getLogger("mqexec.worker")
+_executor: Executor | None = None
 
 
-class BlobArg:
-    """Stands in a call's arguments for a payload shipped once (``Client.scatter``); resolved on the worker."""
-
-    __slots__ = ("digest",)
-
-    def __init__(self, digest: str) -> None:
-        self.digest = digest
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (BlobArg, (self.digest,))
-
-
-class LakeArg:
-    """Stands in a call's arguments for a result that went to the data lake; resolved on the worker."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, ref: dict[str, Any]) -> None:
-        self.ref = ref
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (LakeArg, (self.ref,))
-
-
-def replace_leaves(obj: Any, kinds: type | tuple[type, ...], fn: Any) -> Any:
-    """``obj`` with every ``kinds`` instance inside lists, tuples, sets and dicts replaced by ``fn(it)``."""
-    if isinstance(obj, kinds):
-        return fn(obj)
-    if type(obj) in (list, tuple, set, frozenset):
-        return type(obj)(replace_leaves(x, kinds, fn) for x in obj)
-    if type(obj) is dict:
-        return {k: replace_leaves(v, kinds, fn) for k, v in obj.items()}
-    return obj
-
-
-def _dumps(obj: Any) -> bytes:
-    import cloudpickle
-
-    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def exception_bytes(exc: BaseException) -> bytes:
-    """The pickled exception, or a :class:`RemoteError` carrying its type and message if it won't pickle."""
-    try:
-        data = _dumps(exc)
-        pickle.loads(data)
-        return data
-    except Exception:
-        return pickle.dumps(RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"))
+def run(cfg: Config, wire: Any, hostname: str) -> None:
+    """Run one task message (the Celery task body)."""
+    global _executor
+    if _executor is None:
+        _executor = Executor(cfg, hostname)
+    _executor(wire)
 
 
 class Executor:
-    """Runs envelopes inside one pool process; keeps the function and blob caches of that process."""
+    """Runs tasks in one pool process; keeps its caches (functions, blobs, code, lakes) and its connection."""
 
-    def __init__(self, app: Celery, cfg: Config) -> None:
-        self.app = app
+    def __init__(self, cfg: Config, hostname: str) -> None:
         self.cfg = cfg
-        self.env = environment()
-        self.blobs = BlobCache(Path(cfg.cache_dir) / "blobs", cfg.queue_prefix)
+        self.trust = cfg.trust()
+        self.hostname = hostname
+        self.blobs = BlobCache(cfg, self._connection)
+        self.code = Installer(cfg.cache_dir)
         self._lakes: dict[str, Any] = {}
+        self._conn: Any = None
+        self._pieces: dict[tuple[str, Key], list[bytes]] = {}
 
-    def __call__(self, wire: Any, hostname: str) -> None:
-        from celery.exceptions import Reject
-
-        try:
-            task = TaskEnvelope.decode(wire, self.cfg.secret)
-        except SignatureError as exc:
-            log.warning("rejected a task message, never unpickled, dead-lettered: %s", exc)
-            raise Reject(str(exc), requeue=False) from None
+    def __call__(self, wire: Any) -> None:
         started = time.perf_counter()
+        task = Task.verify(wire, self.trust)
         outcomes = self.run(task)
-        self.publish(task, ResultEnvelope(task.id, hostname, outcomes, self.env))
+        pending = [o for o in outcomes if o.pieces]
+        self.publish(task, outcomes, [self._pieces.pop((task.id, o.key)) for o in pending])
         failed = sum(not o.ok for o in outcomes)
         label = task.calls[0].label + (f" +{len(task.calls) - 1} more" if len(task.calls) > 1 else "")
         log.info("ran %s in %.3f s%s", label, time.perf_counter() - started, f", {failed} failed" if failed else "")
 
-    def run(self, task: TaskEnvelope) -> tuple[Outcome, ...]:
-        if task.env.get("python") != self.env["python"]:
+    def run(self, task: Task) -> list[Outcome]:
+        if task.python != PYTHON:
             exc = EnvironmentMismatch(
-                f"task {task.id} was pickled by Python {task.env.get('python')} but this worker runs Python "
-                f"{self.env['python']}: start workers with the client's Python (queue {self.cfg.env})"
+                f"task {task.id} was pickled by Python {task.python} but this worker runs Python {PYTHON}: start "
+                f"workers with the client's Python (queue {self.cfg.env})"
             )
-            return self._failed_all(task, exc, "env")
+            return self._all_failed(task, exc, "env")
         try:
-            fn = self._function(task)
+            if task.code is not None:
+                code = task.code
+                self.code.activate(code.blob or sha256(code.data or b""), lambda: self._bytes(code))
+            fn = self._function(task.fn)
         except Exception as exc:
-            return self._failed_all(task, exc, "unpickle")
-        return tuple(self._call(fn, call, task.lake) for call in task.calls)
+            return self._all_failed(task, exc, "blob" if isinstance(exc, MissingBlob) else "code")
+        return [self._call(task, fn, call) for call in task.calls]
 
-    def _failed_all(self, task: TaskEnvelope, exc: BaseException, kind: str) -> tuple[Outcome, ...]:
-        data = exception_bytes(exc)
-        tb = "".join(traceback.format_exception(exc))
-        return tuple(Outcome(c.key, False, data, traceback=tb, error=kind) for c in task.calls)
+    def _all_failed(self, task: Task, exc: BaseException, system: str) -> list[Outcome]:
+        error = self._describe(exc)
+        return [Outcome(c.key, False, error=error, system=system) for c in task.calls]
 
-    def _function(self, task: TaskEnvelope) -> Any:
+    def _describe(self, exc: BaseException) -> dict[str, Any]:
+        d = describe(exc)
+        for frame in d["frames"]:
+            frame[0] = self.code.client_path(frame[0])
+        return d
+
+    def _bytes(self, ref: Ref) -> bytes:
+        if ref.data is not None:
+            return ref.data
+        if ref.blob is not None:
+            return self.blobs.get(ref.blob, ref.size, ref.pieces)
+        from .lake import LakeRef
+
+        assert ref.lake is not None
+        return bytes(self._lake(ref.lake["url"]).get(LakeRef.from_dict(ref.lake)))
+
+    def _function(self, ref: Ref) -> Any:
         import cloudpickle
 
-        def load(data: bytes) -> Any:
+        digest = ref.blob or sha256(ref.data or b"")
+
+        def load() -> Any:
             try:
-                return cloudpickle.loads(data)
+                return cloudpickle.loads(self._bytes(ref))
+            except MissingBlob:
+                raise
             except Exception as exc:
                 raise SerializationError(
-                    f"cannot unpickle the function of task {task.id} on this worker: "
-                    f"{type(exc).__name__}: {exc} (is the same package installed on the worker?)"
+                    f"cannot unpickle the function on this worker: {type(exc).__name__}: {exc} "
+                    "(is the same package installed on the worker?)"
                 ) from exc
 
-        if task.fn.inline is not None:
-            return self.blobs.remember(task.fn.hash, lambda: load(task.fn.inline or b""))
-        return self.blobs.loaded(task.fn.hash, load, self.app.connection_for_read)
+        return self.blobs.remember(f"{digest}:{self.code.active}", load)
 
-    def _resolve(self, obj: Any, lake_url: str | None) -> Any:
-        """The call's arguments with blob and data-lake references replaced by their values."""
+    def _values(self, call: Call) -> Callable[[Key], Any]:
         import cloudpickle
 
-        def value(ref: BlobArg | LakeArg) -> Any:
-            if isinstance(ref, BlobArg):
-                return self.blobs.loaded(ref.digest, cloudpickle.loads, self.app.connection_for_read)
-            from .lake import LakeRef
+        refs = dict(call.deps)
+        loaded: dict[Key, Any] = {}
 
-            return cloudpickle.loads(self._lake(lake_url).get(LakeRef.from_dict(ref.ref)))
+        def value(key: Key) -> Any:
+            if key not in loaded:
+                if key not in refs:
+                    raise KeyError(f"the value of future {key!r} did not come with the task")
+                loaded[key] = cloudpickle.loads(self._bytes(refs[key]))
+            return loaded[key]
 
-        return replace_leaves(obj, (BlobArg, LakeArg), value)
+        return value
 
-    def _call(self, fn: Any, call: Call, lake_url: str | None) -> Outcome:
+    def _call(self, task: Task, fn: Any, call: Call) -> Outcome:
         import cloudpickle
 
-        started = time.perf_counter()
         try:
-            args, kwargs = self._resolve(cloudpickle.loads(call.payload), lake_url)
+            with resolving(self._values(call)):
+                args, kwargs = cloudpickle.loads(self._bytes(call.args))
+        except MissingBlob as exc:
+            return Outcome(call.key, False, error=self._describe(exc), system="blob")
         except Exception as exc:
-            return Outcome(call.key, False, exception_bytes(exc), traceback=traceback.format_exc(), error="unpickle")
+            return Outcome(call.key, False, error=self._describe(exc))
         for attempt in range(call.retries + 1):
             try:
                 value = fn(*args, **kwargs)
+                if inspect.iscoroutine(value):
+                    value = asyncio.run(value)
                 break
             except Exception as exc:
                 if attempt == call.retries:
-                    return Outcome(
-                        call.key,
-                        False,
-                        exception_bytes(exc),
-                        traceback=traceback.format_exc(),
-                        seconds=time.perf_counter() - started,
-                    )
+                    return Outcome(call.key, False, error=self._describe(exc))
                 log.info("%s raised %s: retry %d of %d", call.label, type(exc).__name__, attempt + 1, call.retries)
+        type_name = f"{type(value).__module__}.{type(value).__qualname__}"
         try:
-            data = _dumps(value)
+            data = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            err = SerializationError(f"the result of {call.label} cannot be pickled: {exc}")
-            return Outcome(call.key, False, exception_bytes(err), traceback=traceback.format_exc())
-        seconds = time.perf_counter() - started
-        if lake_url and len(data) > self.cfg.result_inline_limit:
-            ref = self._lake(lake_url).put(data).to_dict()
-            return Outcome(call.key, True, ref=ref, seconds=seconds)
-        return Outcome(call.key, True, data, seconds=seconds)
+            err = SerializationError(f"the result of {call.label} cannot be pickled: {type(exc).__name__}: {exc}")
+            return Outcome(call.key, False, error=self._describe(err))
+        if task.lake and len(data) > self.cfg.result_inline_limit:
+            try:
+                ref = self._lake(task.lake).put(data).to_dict()
+                return Outcome(call.key, True, type_name, lake=ref)
+            except Exception as exc:  # fall back to the broker, in pieces if need be
+                log.warning(
+                    "could not put the result of %s into the data lake (%s): sending it through the broker",
+                    call.label,
+                    exc,
+                )
+        if len(data) > self.cfg.piece_size:
+            self._pieces[(task.id, call.key)] = pieces(data, self.cfg.piece_size)
+            n = len(self._pieces[(task.id, call.key)])
+            return Outcome(call.key, True, type_name, pieces=n, size=len(data), sha=sha256(data))
+        return Outcome(call.key, True, type_name, value=data)
 
-    def _lake(self, url: str | None) -> Any:
+    def _lake(self, url: str) -> Any:
         from .lake import open_lake
 
-        if not url:
-            raise SerializationError("a data-lake reference arrived, but the task names no data lake")
         if url not in self._lakes:
             self._lakes[url] = open_lake(url)
         return self._lakes[url]
 
-    def publish(self, task: TaskEnvelope, result: ResultEnvelope) -> None:
-        body = result.encode(self.cfg.secret)
-        with self.app.producer_or_acquire() as producer:
-            producer.publish(
-                body,
-                exchange="",
-                routing_key=task.reply_to,
-                serializer=None,
-                content_type="application/x-mqexec-result",
-                content_encoding="binary",
-                delivery_mode=2,
-                retry=True,
-                retry_policy={"max_retries": 5},
-            )
+    # -- results ------------------------------------------------------------------------------------------------
 
+    def _connection(self) -> Any:
+        from .broker import connect
 
-def register(app: Celery, cfg: Config) -> None:
-    """Register the ``mqexec.run`` task body on a worker's app."""
-    from .app import TASK_NAME
+        return connect(self.cfg)
 
-    executor: list[Executor] = []
+    def publish(self, task: Task, outcomes: list[Outcome], big: list[list[bytes]]) -> None:
+        """Pieces, then the result frame, each confirmed by the broker; retried across blips."""
+        key = self.trust.result_key(task.session)
+        frames: list[bytes] = []
+        for o, parts in zip([o for o in outcomes if o.pieces], big, strict=True):
+            for i, part in enumerate(parts):
+                head = {"msg": task.id, "k": key_to_json(o.key), "i": i}
+                frames.append(Frame("piece", task.session, self.hostname, head, (part,)).encode(key))
+        frames.append(result_frame(task.session, self.hostname, task.id, outcomes).encode(key))
+        deadline = time.monotonic() + self.cfg.lease_timeout
+        delay = 0.2
+        while True:
+            try:
+                if self._conn is None:
+                    from .broker import connect
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def run(self: Any, wire: Any) -> None:
-        if not executor:
-            executor.append(Executor(app, cfg))
-        executor[0](wire, self.request.hostname or "?")
+                    self._conn = connect(self.cfg, confirm=True)
+                channel = self._conn.default_channel
+                for body in frames:
+                    message = channel.prepare_message(
+                        body,
+                        content_type="application/x-mqexec-frame",
+                        content_encoding="binary",
+                        properties={"delivery_mode": 2},
+                    )
+                    channel.basic_publish(message, exchange="", routing_key=task.reply_to)
+                return
+            except Exception as exc:
+                if self._conn is not None:
+                    self._conn.release()
+                    self._conn = None
+                if time.monotonic() > deadline:
+                    log.error("gave up sending the result of task %s (%s); its client will send it again", task.id, exc)
+                    return
+                log.warning("sending the result of task %s failed (%s): retrying in %.1f s", task.id, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from time import monotonic
 from typing import Any
+from urllib.parse import urlsplit
 
 from kombu.exceptions import ChannelError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
@@ -36,3 +38,17 @@ class Transport(filesystem.Transport):  # type: ignore[misc]
 
 
 TRANSPORT_ALIASES["mqfs"] = f"{__name__}:Transport"
+
+
+def kombu_args(url: str) -> tuple[str, dict[str, Any]]:
+    """``filesystem:///dir`` as kombu wants it: the ``mqfs://`` URL and its folder options (folders created)."""
+    root = Path(urlsplit(url).path or ".")
+    for d in ("queue", "control"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    folders = {
+        "data_folder_in": str(root / "queue"),
+        "data_folder_out": str(root / "queue"),
+        "control_folder": str(root / "control"),
+        "polling_interval": 0.01,
+    }
+    return "mqfs://localhost/", folders

@@ -3,11 +3,10 @@
 - **idle exit** (``--idle-timeout``): no task received or running for that long → warm shutdown, exit 0,
   so the batch slot is freed instead of burnt.
 - **walltime drain** (``--max-walltime``): at ``max_walltime - drain_margin`` stop taking tasks and finish
-  the running ones (warm shutdown); if they still run 30 s before the limit, stop hard (cold shutdown) so the
-  broker hands their unacknowledged messages to another worker instead of the batch system killing us
-  mid-ack.
+  the running ones (warm shutdown); if they still run 30 s before the limit, stop hard (cold shutdown): their
+  leases lapse and their clients send them to another worker.
 Both act through the same signals a person would send (SIGTERM warm, SIGQUIT cold), so Celery's own shutdown
-path — which never loses an unacknowledged task — does the work.
+path does the work (tasks taken but not started are handed back to their clients at once).
 """
 
 from __future__ import annotations

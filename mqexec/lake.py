@@ -69,11 +69,17 @@ def cache_key(*parts: str | int | bytes) -> str:
 
 _CAUSES = [  # (kind, exception types, pattern over "TypeName: message"); word bounds keep sha256s from matching
     ("missing object", (FileNotFoundError,), r"\[3011\]|no such file|\b404\b"),
-    ("authentication/permission refused", (PermissionError,),
-     r"\[3010\]|\b40[13]\b|not authori[sz]ed|unauthori[sz]ed|permission denied|forbidden"),
-    ("server unreachable", (ConnectionError, TimeoutError),
-     r"connect(ion|error)|operation expired|unreachable|timed ?out|name resolution"),
-]  # fmt: skip
+    (
+        "authentication/permission refused",
+        (PermissionError,),
+        r"\[3010\]|\b40[13]\b|not authori[sz]ed|unauthori[sz]ed|permission denied|forbidden",
+    ),
+    (
+        "server unreachable",
+        (ConnectionError, TimeoutError),
+        r"connect(ion|error)|operation expired|unreachable|timed ?out|name resolution",
+    ),
+]
 
 
 def _cause(exc: BaseException) -> str:

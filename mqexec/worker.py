@@ -1,12 +1,13 @@
 """``mqexec worker``: a Celery worker that only ever connects out to the broker.
 
-    broker ──(task queue mqexec.py3.11 [+ resource queues], prefetch 1 per pool process)──▶ main process
-       main process: AMQP heartbeats, acks, remote control (Flower), grid watcher (idle exit, walltime drain)
-       └──▶ pool process (prefork): execute.Executor — verify, unpickle, run, publish the result, then ack
-    pool process ──(signed result, publisher confirm)──▶ client's result queue  (big results: data lake)
+    broker ──(task queue P.py3.11 [+ resource queues], prefetch 1)──▶ main process: intake.Gate
+       main process: checks and leases tasks (intake.py), AMQP heartbeats, signed remote control (Flower,
+                     control.py), grid watcher (grid.py: idle exit, walltime drain, exit with the parent)
+       └──▶ pool process (prefork): execute.py — unpickle, run, publish the result (publisher confirms)
+    pool process ──(signed frames)──▶ the client's results queue   (big results: data lake, or pieces)
 
 It listens on no port. The prefork pool is used even for ``--concurrency 1``: the main process keeps
-heartbeating while a task runs (with the solo pool a long task starves heartbeats and gets delivered twice).
+heartbeating and renewing leases while a task runs.
 
     mqexec worker --broker amqps://user:pw@broker.example:5671/vhost --concurrency 8 \\
                   --idle-timeout 600 --max-walltime 47h
@@ -20,31 +21,11 @@ import socket
 import sys
 import time
 
-from .app import dead_letter_queues, make_app, queue_name, redact, transport_of
-from .broker import connect
+from .broker import connect, redact
 from .config import Config
 from .errors import ConfigError
 
 log = logging.getLogger("mqexec.worker")
-
-
-def _consumer_class() -> type:
-    from celery.worker.consumer import Consumer as CeleryConsumer
-
-    class Consumer(CeleryConsumer):  # type: ignore[misc]
-        """Celery's consumer without native delayed delivery: mqexec sends no countdown/ETA tasks, so the 27
-        ``celery_delayed_*`` queues and their exchanges it would declare on the broker are clutter."""
-
-        class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc,name-defined]
-            default_steps = [s for s in CeleryConsumer.Blueprint.default_steps if "delayed_delivery" not in s]
-
-    return Consumer
-
-
-def __getattr__(name: str) -> type:
-    if name == "Consumer":  # looked up by Celery (worker_consumer) only inside the worker
-        return _consumer_class()
-    raise AttributeError(name)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -62,15 +43,23 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def default_hostname(cfg: Config) -> str:
+    """``mqexec-py3.11-<DIRAC job id or pid>@<node>``: unique per process, tied to its DIRAC job when there is one."""
+    from .intake import dirac_job_id
+
+    return f"mqexec-{cfg.env}-{dirac_job_id() or os.getpid()}@{socket.gethostname()}"
+
+
 def run_worker(
     cfg: Config, *, hostname: str | None = None, loglevel: str = "INFO", exit_with_parent: bool = False
 ) -> int:
-    """Run a worker until it is stopped, idles out or drains for its walltime; returns the exit code."""
-    if not cfg.secret:
-        raise ConfigError(
-            "this worker has no signing key, so it would trust no task: set MQEXEC_SECRET (or "
-            "MQEXEC_SECRET_FILE) to the key the client signs with"
-        )
+    """Run a worker until it is stopped, idles out or drains for its walltime; returns the exit code.
+
+    Raises:
+        ConfigError: no broker, or no key to trust tasks with.
+        BrokerError: the broker cannot be reached (within seconds, naming the cause).
+    """
+    cfg.trust()  # no key: a ConfigError now, not a worker that trusts nothing
     if cfg.broker_url is None:
         raise ConfigError("no broker: pass --broker URL or set MQEXEC_BROKER_URL")
     setup_logging(loglevel)
@@ -80,19 +69,21 @@ def run_worker(
 
     warnings.filterwarnings("ignore", category=SecurityWarning)  # root is the norm in grid containers
     with connect(cfg) as conn:  # fail in seconds with a clear error, before Celery's retry loops
-        if transport_of(cfg.broker_url).quorum:
-            for q in dead_letter_queues(cfg):
-                q(conn.default_channel).declare()
-    app = make_app(cfg, worker=True)
-    app.conf.worker_consumer = "mqexec.worker:Consumer"
-    queues = [queue_name(cfg)] + [queue_name(cfg, r) for r in sorted(cfg.resources)]
-    # unique per process: two jobs on one node must not share Celery's remote-control queue
-    name = hostname or f"mqexec-{cfg.env}-{os.getpid()}@{socket.gethostname()}"
-    started = time.monotonic()
+        if cfg.transport.quorum:
+            from .topology import dead_queue
 
+            dead_queue(cfg)(conn.default_channel).declare()
     from celery import signals
 
+    from . import intake
+    from .app import make_app
     from .grid import watch
+    from .topology import task_queue_name
+
+    app = make_app(cfg, worker=True)
+    queues = [task_queue_name(cfg)] + [task_queue_name(cfg, r) for r in sorted(cfg.resources)]
+    name = hostname or default_hostname(cfg)
+    started = time.monotonic()
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
@@ -119,6 +110,7 @@ def run_worker(
         optimization="fair",
     )
     worker.start()
-    code = worker.exitcode or 0
+    gate = intake.current_gate()
+    code = (gate.exit_code if gate is not None else 0) or worker.exitcode or 0
     log.info("worker %s stopped (exit code %d)", name, code)
     return int(code)

@@ -22,6 +22,8 @@ import pytest
 from netutil import free_port, listening
 from workerproc import ROOT, Worker
 
+from mqexec.keys import Identity
+
 
 def _private_rabbit(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port, dist = free_port(), free_port()
@@ -73,8 +75,8 @@ def prefix(broker_url: str) -> Iterator[str]:
     delete their own result and blob queues when they close)."""
     from kombu import Connection
 
-    from mqexec.app import delete_topology
     from mqexec.config import Config
+    from mqexec.topology import delete_topology
 
     name = f"mqt{uuid.uuid4().hex[:10]}"
     yield name
@@ -85,18 +87,24 @@ def prefix(broker_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(broker_url: str, prefix: str, tmp_path: Path) -> dict[str, object]:
-    """Client settings for this test: the broker, its own queue prefix and signing key."""
+def identity() -> Identity:
+    """This test's own signing identity; its workers are given ``identity.trust.token()``."""
+    return Identity.new()
+
+
+@pytest.fixture
+def settings(broker_url: str, prefix: str, tmp_path: Path, identity: Identity) -> dict[str, object]:
+    """Client settings for this test: the broker, its own queue prefix and signing identity."""
     return {
         "queue_prefix": prefix,
-        "secret": f"test-{prefix}",
+        "identity": identity.text(),
         "no_worker_grace": 2.0,
         "cache_dir": str(tmp_path / "client-cache"),
     }
 
 
 @pytest.fixture
-def start_worker(broker_url: str, settings: dict[str, object], tmp_path: Path) -> Iterator[object]:
+def start_worker(broker_url: str, settings: dict[str, object], tmp_path: Path, identity: Identity) -> Iterator[object]:
     """``start_worker("--concurrency", "2")`` → a ready :class:`Worker` for this test's broker and prefix."""
     workers: list[Worker] = []
 
@@ -111,7 +119,7 @@ def start_worker(broker_url: str, settings: dict[str, object], tmp_path: Path) -
         environ = {
             **os.environ,
             "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
-            "MQEXEC_SECRET": secret if secret is not None else str(settings["secret"]),
+            "MQEXEC_SECRET": secret if secret is not None else identity.trust.token(),
             "MQEXEC_CACHE_DIR": str(tmp_path / f"worker{n}-cache"),
             "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
             "MQEXEC_LAKE_URL": "",

@@ -1,0 +1,537 @@
+"""The client's one thread that talks to the broker: it sends, it receives, it notices what went wrong.
+
+    user threads ── Client.submit ──▶ Ledger outbox ──wake──┐
+                                                             ▼
+    Courier thread:  out-connection (publisher confirms, pipelined)  ──▶ blob queues, task queues
+                     in-connection  (consumer of P.results.<session>) ◀── leases, pieces, results, dead letters
+                     every tick: heartbeats · lapsed leases → resend · released handles → forget ·
+                                 no worker for this environment? → NoWorkerError · embedded workers alive?
+
+Nothing here blocks a user thread: ``submit`` returns as soon as the call is in the ledger, and many calls go
+out back to back before their confirmations are awaited. A silent peer (a NAT dropped the connection) is found by
+AMQP heartbeats within about two intervals; then both connections are rebuilt (the next URL of a failover list
+first), unconfirmed messages are sent again, and — if the client was gone long enough that workers may have
+skipped its tasks as a dead session's — so are the tasks no worker had taken. Calls that cannot be sent for
+``publish_timeout`` fail with :class:`BrokerError` and are forgotten, so the same call submitted again runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from .blobs import pieces
+from .broker import connect, redact
+from .errors import BrokerError, SignatureError, TaskDeadLettered
+from .futures import Lazy
+from .ledger import CallRecord, Ledger, MessageRecord
+from .remote import rebuild
+from .topology import REPLY_HEADER, TASK_NAME, blob_queue, blob_queue_name, dead_queue, results_queue, task_queue
+from .wire import PYTHON, Call, Frame, Key, Outcome, Ref, Task, key_from_json, outcomes_of, sha256
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger("mqexec.client")
+_TICK = 0.25
+
+
+class Courier(threading.Thread):
+    """The broker side of one :class:`~mqexec.client.Client` (see the module docstring)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(name=f"mqexec-courier-{client.session}", daemon=True)
+        self.client = client
+        self.cfg = client.config
+        self.ledger: Ledger = client._ledger
+        self.session = client.session
+        self.identity = client._identity
+        self.result_key = self.identity.trust.result_key(self.session)
+        self.reply_to = client.reply_to
+        self._stop_event = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._puts: list[tuple[str, bytes]] = []  # blobs to put, from user threads
+        self._puts_lock = threading.Lock()
+        self.blobs: dict[str, int] = {}  # digest → pieces (0: one message), of blobs put on the broker
+        self._blob_data: dict[str, bytes] = {}
+        self._in: Any = None
+        self._out: Any = None
+        self._channel: Any = None
+        self._consumer: Any = None
+        self._tag = 0
+        self._unconfirmed: dict[int, str] = {}  # delivery tag → message id (or "blob:<digest>")
+        self._declared: set[str | None] = set()
+        self._pieces: dict[tuple[str, Key], dict[int, bytes]] = {}
+        self._app = client._app
+        self.last_ok = time.monotonic()
+        self.last_progress = time.monotonic()
+        self._last_check = 0.0
+        self._last_keepalive = time.monotonic()
+        self._diagnosing = False
+        self._outage = ""
+        self._deaths_seen = 0
+
+    # -- life cycle ---------------------------------------------------------------------------------------------
+
+    def connect_first(self) -> None:
+        """Connect in the caller's thread: a wrong broker is a :class:`BrokerError` from ``Client(...)``."""
+        self._connect()
+
+    def run(self) -> None:
+        backoff = 0.2
+        while not self._stop_event.is_set():
+            try:
+                if self._in is None:
+                    self._connect()
+                    backoff = 0.2
+                while not self._stop_event.is_set():
+                    self._tick()
+            except Exception as exc:
+                if self._stop_event.is_set():
+                    break
+                self._lost(exc)
+                self._stop_event.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self._fail_unsendable()
+                self._housekeeping()
+        self._disconnect()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.wake()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def put_blob(self, data: bytes, digest: str | None = None) -> Ref:
+        """Ship ``data`` once (from any thread); it goes out before any task sent after this call."""
+        digest = digest or sha256(data)
+        parts = 0 if len(data) <= self.cfg.piece_size else len(pieces(data, self.cfg.piece_size))
+        with self._puts_lock:
+            if digest not in self.blobs and digest not in self._blob_data:
+                self._blob_data[digest] = data
+                self._puts.append((digest, data))
+        self.wake()
+        return Ref(blob=digest, size=len(data), pieces=parts)
+
+    def blob_bytes(self, ref: Ref) -> bytes:
+        """The bytes of a blob this client put (to run a call again locally)."""
+        assert ref.blob is not None
+        return self._blob_data[ref.blob]
+
+    # -- connections -------------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        gap = time.monotonic() - self.last_ok
+        heartbeat = self.cfg.heartbeat if self.cfg.transport.heartbeats else 0
+        self._in = connect(self.cfg, heartbeat=heartbeat)
+        try:
+            self._out = connect(self.cfg, heartbeat=heartbeat)
+            self._channel = self._out.default_channel
+            if self.cfg.transport.confirms:
+                self._channel.confirm_select()
+                self._channel.events["basic_ack"].add(self._on_ack)
+                self._channel.events["basic_nack"].add(self._on_nack)
+            self._tag = 0
+            channel = self._in.default_channel
+            if self.cfg.transport.quorum:
+                dead_queue(self.cfg)(channel).declare()
+            queue = results_queue(self.cfg, self.session)(channel)
+            queue.declare()
+            from kombu import Consumer
+
+            self._consumer = Consumer(
+                channel, queues=[queue], on_message=self._on_message, prefetch_count=256, no_ack=False
+            )
+            self._consumer.consume()
+        except Exception:
+            self._disconnect()
+            raise
+        self._declared.clear()
+        if self._outage:
+            log.warning("client %s reconnected to the broker after %.1f s", self.session, gap)
+            self._outage = ""
+        self.last_ok = time.monotonic()
+        self._after_reconnect(gap)
+
+    def _after_reconnect(self, gap: float) -> None:
+        """Send again what may not have reached the broker, and what workers may have skipped meanwhile."""
+        for mid in list(self._unconfirmed.values()):
+            if mid.startswith("blob:"):
+                digest = mid[5:]
+                with self._puts_lock:
+                    self.blobs.pop(digest, None)
+                    self._puts.insert(0, (digest, self._blob_data[digest]))
+            else:
+                self.ledger.resend(mid, died=False, why="unconfirmed when the connection was lost")
+        self._unconfirmed.clear()
+        if gap >= max(self.cfg.session_grace - 3.0, 0.0) and self.cfg.transport.quorum:
+            for m in self.ledger.in_flight():
+                if m.lease_until is None:
+                    self.ledger.resend(m.id, died=False, why="the client was gone long enough to be skipped")
+
+    def _disconnect(self) -> None:
+        for conn in (self._in, self._out):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.release()
+        self._in = self._out = self._channel = self._consumer = None
+
+    def _lost(self, exc: BaseException) -> None:
+        text = redact(f"{type(exc).__name__}: {exc}")
+        if not self._outage:
+            log.warning("client %s lost the broker (%s); reconnecting", self.session, text)
+        self._outage = text
+        self._disconnect()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        busy = self.ledger.has_outbox() or bool(self._puts)
+        self._wait(0.0 if busy else _TICK)
+        self._drain(self._in)
+        if self.cfg.transport.confirms:
+            self._drain(self._out)
+        self._send_blobs()
+        self._send_outbox()
+        if self.cfg.transport.heartbeats:
+            self._in.heartbeat_check(rate=2)
+            self._out.heartbeat_check(rate=2)
+        self.last_ok = time.monotonic()
+        self._housekeeping()
+
+    def _wait(self, timeout: float) -> None:
+        if not self.cfg.transport.heartbeats:  # the file transport: poll (it polls every 10 ms anyway)
+            if timeout:
+                select.select([self._wake_r], [], [], 0.005)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+            return
+        socks = [self._in.connection.sock, self._out.connection.sock]
+        if any(getattr(s, "pending", lambda: 0)() for s in socks):  # TLS: decrypted bytes already buffered
+            return
+        ready, _, _ = select.select([*socks, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+
+    def _drain(self, conn: Any) -> None:
+        for _ in range(10_000):
+            try:
+                conn.drain_events(timeout=0)
+            except (TimeoutError, BlockingIOError):
+                return
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < _TICK:
+            return
+        self._last_check = now
+        self.ledger.purge()
+        for mid in self.ledger.lapsed(now):
+            m = self.ledger.messages.get(mid)
+            who = m.worker if m else "?"
+            self.ledger.counts["lapsed"] += 1
+            self.ledger.resend(
+                mid, died=True, why=f"its worker {who} stopped renewing its lease for {self.cfg.lease_timeout:g} s"
+            )
+        if self.client._local is not None:
+            self._supervise_local()
+        elif self.ledger.busy() and now - self.last_progress > self.cfg.no_worker_grace and not self._diagnosing:
+            self.last_progress = now
+            self._diagnosing = True
+            threading.Thread(target=self._diagnose, name="mqexec-diagnose", daemon=True).start()
+        if self._in is not None and now - self._last_keepalive > self.cfg.session_expire / 4:
+            self._last_keepalive = now
+            self._keep_blobs()
+
+    def _diagnose(self) -> None:
+        from .diagnose import no_worker
+
+        try:
+            no_worker(self.cfg, self.ledger, self._app)
+        except Exception as exc:  # a diagnosis must never hurt the run
+            log.debug("worker check failed: %s", exc)
+        finally:
+            self._diagnosing = False
+
+    def _supervise_local(self) -> None:
+        local = self.client._local
+        assert local is not None
+        deaths, problem = local.supervise()
+        if problem:
+            from .errors import NoWorkerError
+
+            self.ledger.fail_all(lambda c: True, NoWorkerError(problem))
+            return
+        dead, self._deaths_seen = deaths[self._deaths_seen :], len(deaths)
+        for name in dead:
+            for m in self.ledger.in_flight():
+                if m.worker == name or m.lease_until is None:
+                    self.ledger.resend(m.id, died=m.worker == name, why=f"the local worker {name} died")
+
+    def _fail_unsendable(self) -> None:
+        """While the broker is unreachable: calls waiting longer than ``publish_timeout`` fail and are forgotten."""
+        limit = self.cfg.publish_timeout
+        now = time.monotonic()
+        since = now - self.last_ok
+        if since < limit:
+            return
+        exc = BrokerError(
+            f"the broker {redact(self.cfg.broker_url or '')} has been unreachable for {since:.0f} s "
+            f"(publish_timeout {limit:g} s): {self._outage}"
+        )
+        n = self.ledger.fail_all(lambda c: c.message is None, exc, forget=True)
+        if n:
+            log.error("%d call(s) failed: %s", n, exc)
+
+    # -- sending ---------------------------------------------------------------------------------------------
+
+    def _publish(self, body: Any, routing_key: str, exchange: str = "", **kwargs: Any) -> None:
+        self._channel.basic_publish(
+            self._channel.prepare_message(body, **kwargs), exchange=exchange, routing_key=routing_key
+        )
+        if self.cfg.transport.confirms:
+            self._tag += 1
+
+    def _send_blobs(self) -> None:
+        with self._puts_lock:
+            puts, self._puts = self._puts, []
+        for digest, data in puts:
+            parts = pieces(data, self.cfg.piece_size)
+            names = (
+                [blob_queue_name(self.cfg, digest)]
+                if len(parts) == 1
+                else [blob_queue_name(self.cfg, digest, i) for i in range(len(parts))]
+            )
+            for name, part in zip(names, parts, strict=True):
+                queue = blob_queue(self.cfg, name)(self._channel)
+                if queue.queue_declare()[1]:  # already there (another session of this analysis put it)
+                    continue
+                self._publish(
+                    part,
+                    name,
+                    content_type="application/octet-stream",
+                    content_encoding="binary",
+                    properties={"delivery_mode": 2},
+                )
+                if self.cfg.transport.confirms:
+                    self._unconfirmed[self._tag] = f"blob:{digest}"
+            self.blobs[digest] = 0 if len(parts) == 1 else len(parts)
+
+    def _keep_blobs(self) -> None:
+        """Redeclare this session's blob queues, so a long idle stretch does not expire them (x-expires)."""
+        for digest, parts in list(self.blobs.items()):
+            names = (
+                [blob_queue_name(self.cfg, digest)]
+                if not parts
+                else [blob_queue_name(self.cfg, digest, i) for i in range(parts)]
+            )
+            for name in names:
+                blob_queue(self.cfg, name)(self._channel).queue_declare()
+
+    def _send_outbox(self) -> None:
+        calls = self.ledger.take_outbox()
+        if not calls:
+            return
+        start = 0
+        while start < len(calls):
+            first = calls[start]
+            end = start + 1
+            while (
+                end < len(calls)
+                and end - start < first.batch
+                and calls[end].group == first.group
+                and calls[end].fn.hash == first.fn.hash
+                and calls[end].resource == first.resource
+                and calls[end].batch == first.batch
+            ):
+                end += 1
+            self._send(calls[start:end])
+            start = end
+
+    def _dep(self, key: Key, ref: Ref) -> Ref:
+        """A dependency's value as it travels: big inline values go once as blobs."""
+        if ref.data is not None and len(ref.data) > self.cfg.arg_inline_limit:
+            ref = self.put_blob(ref.data)
+            self._send_blobs()
+            with self.ledger.lock:
+                if key in self.ledger.values:
+                    self.ledger.values[key] = ref
+        return ref
+
+    def _send(self, batch: list[CallRecord]) -> None:
+        first = batch[0]
+        mid = uuid.uuid4().hex
+        calls = tuple(
+            Call(c.key, c.label, c.args, tuple((k, self._dep(k, r)) for k, r in self.ledger.deps_of(c)), c.retries)
+            for c in batch
+        )
+        task = Task(
+            id=mid,
+            prefix=self.cfg.queue_prefix,
+            session=self.session,
+            key_id=self.identity.trust.key_id,
+            nonce=uuid.uuid4().hex,
+            expires=time.time() + self.cfg.task_ttl,
+            python=PYTHON,
+            reply_to=self.reply_to,
+            fn=first.fn.ref,
+            calls=calls,
+            code=first.fn.code,
+            lake=self.cfg.lake_url,
+            attempt=1 + max(c.attempts for c in batch),
+        )
+        if first.resource not in self._declared:
+            task_queue(self.cfg, first.resource)(self._channel).declare()
+            self._declared.add(first.resource)
+        label = first.label if len(batch) == 1 else f"{len(batch)} calls: {first.label} ..."
+        message = self._app.amqp.as_task_v2(
+            mid,
+            TASK_NAME,
+            args=[task.sign(self.identity)],
+            kwargs={},
+            shadow=first.fn.name,
+            argsrepr=label[:200],
+            kwargsrepr="{}",
+        )
+        headers = {**message.headers, REPLY_HEADER: self.reply_to}
+        from kombu.utils.json import dumps
+
+        queue = task_queue(self.cfg, first.resource)
+        self._publish(
+            dumps(message.body),
+            queue.routing_key,
+            exchange=self.cfg.queue_prefix,
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+            properties={"delivery_mode": 2, **message.properties},
+        )
+        self.ledger.sent(MessageRecord(mid, [c.key for c in batch], first.resource, time.monotonic()), batch)
+        if self.cfg.transport.confirms:
+            self._unconfirmed[self._tag] = mid
+
+    def _confirmed(self, tag: int, multiple: bool) -> list[str]:
+        done = [t for t in self._unconfirmed if t <= tag] if multiple else [tag]
+        return [self._unconfirmed.pop(t) for t in done if t in self._unconfirmed]
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._confirmed(tag, multiple)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        for mid in self._confirmed(tag, multiple):
+            exc = BrokerError(f"the broker refused message {mid} of client {self.session} (basic.nack)")
+            with self.ledger.lock:
+                m = self.ledger.messages.get(mid)
+                keys = set(m.keys) if m else set()
+            self.ledger.fail_all(lambda c, keys=keys: c.key in keys, exc, forget=True)  # type: ignore[misc]
+
+    # -- receiving --------------------------------------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        try:
+            if message.content_type == "application/x-mqexec-frame":
+                self._on_frame(bytes(message.body))
+            else:
+                self._on_dead_letter(message)
+        except Exception:
+            log.exception("could not process a message on %s", self.reply_to)
+        message.ack()
+
+    def _on_frame(self, raw: bytes) -> None:
+        try:
+            frame = Frame.decode(raw, self.result_key)
+        except SignatureError as exc:
+            log.error("dropped a message on %s, never unpickled: %s", self.reply_to, exc)
+            return
+        if frame.session != self.session:
+            return
+        self.last_progress = time.monotonic()
+        head = frame.head
+        if frame.kind == "lease":
+            self.ledger.leased(head.get("held", []), frame.worker, time.monotonic())
+            for mid in head.get("released", []):
+                self.ledger.resend(mid, died=False, why="its worker stopped before starting it")
+            for mid, why in head.get("lost", []):
+                self.ledger.counts["lost"] += 1
+                self.ledger.resend(mid, died=True, why=f"on {frame.worker}: {why}")
+        elif frame.kind == "piece":
+            self._pieces.setdefault((head["msg"], key_from_json(head["k"])), {})[int(head["i"])] = frame.parts[0]
+        elif frame.kind == "result":
+            mid = str(head.get("msg"))
+            for outcome in outcomes_of(frame):
+                self._settle(mid, outcome, frame.worker)
+
+    def _settle(self, mid: str, outcome: Outcome, worker: str) -> None:
+        """One outcome: each on its own, so a failure here cannot leave its batch-mates pending."""
+        try:
+            if outcome.ok:
+                data, ref = self._value(mid, outcome)
+                load = self.client._loader(data, ref)
+                self.ledger.outcome(mid, outcome.key, lambda s: s.finish(Lazy(load), outcome.type_name), ref)
+                return
+            if outcome.system == "blob" and self._reput(mid, outcome.key):
+                return
+            exc = rebuild(outcome.error or {}, worker)
+            self.ledger.outcome(mid, outcome.key, lambda s: s.fail(exc), None)
+        except Exception:
+            log.exception("could not settle %s", outcome.key)
+            self.ledger.outcome(mid, outcome.key, lambda s: s.fail(exc), None)
+
+    def _value(self, mid: str, outcome: Outcome) -> tuple[bytes | None, Ref]:
+        if outcome.value is not None:
+            return outcome.value, Ref.inline(outcome.value)
+        if outcome.lake is not None:
+            return None, Ref(lake=outcome.lake, size=int(outcome.lake.get("size", 0)))
+        got = self._pieces.pop((mid, outcome.key), {})
+        data = b"".join(got[i] for i in range(outcome.pieces) if i in got)
+        if len(got) != outcome.pieces or len(data) != outcome.size or sha256(data) != outcome.sha:
+            raise BrokerError(
+                f"the result of {outcome.key!r} arrived incomplete ({len(got)} of {outcome.pieces} pieces)"
+            )
+        return data, Ref.inline(data)
+
+    def _reput(self, mid: str, key: Key) -> bool:
+        """A worker could not find a blob of this task: put this session's blobs again and resend (3 times)."""
+        call = self.ledger.calls.get(key)
+        if call is None or call.attempts >= 3:
+            return False
+        call.attempts += 1
+        with self._puts_lock:
+            self._puts.extend((d, data) for d, data in self._blob_data.items())
+            self.blobs.clear()
+        self.ledger.resend(mid, died=False, why="a payload was missing on the broker")
+        return True
+
+    def _on_dead_letter(self, message: Any) -> None:
+        """A task message the broker gave up on, routed home by the dead-letter exchange."""
+        headers = message.headers or {}
+        deaths = headers.get("x-death") or [{}]
+        reason = deaths[0].get("reason", "?")
+        try:
+            wire = json.loads(message.body)[0][0]
+            task = Task.verify(wire, self.identity.trust)
+        except (SignatureError, ValueError, IndexError, KeyError, TypeError):
+            log.error("a dead-lettered message that this client did not sign arrived (reason %s): dropped", reason)
+            return
+        count = headers.get("x-delivery-count") or deaths[0].get("count")
+        why = {
+            "delivery_limit": f"the broker delivered it {count} times without any worker taking it (workers died "
+            "while receiving it)",
+            "rejected": "a worker refused it as forged or malformed",
+        }.get(reason, f"dead-lettered by the broker ({reason})")
+        self.last_progress = time.monotonic()
+        for call in task.calls:
+            exc = TaskDeadLettered(f"task {call.label} [{call.key}] could not run: {why}")
+            self.ledger.outcome(task.id, call.key, lambda s, exc=exc: s.fail(exc), None)  # type: ignore[misc]
