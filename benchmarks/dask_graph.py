@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "mqexec-dask-bench"))
     args = ap.parse_args(argv)
 
-    from mqexec.synthetic import write_nanoaod
+    sys.path.insert(0, str(REPO / "tools"))  # the synthetic-data generator is repository tooling
+    from synthetic import write_nanoaod
 
     dask.config.set({"awkward.optimization.which": ["columns"]})  # see docs/benchmarks.md, "dask graph"
     data = Path(args.data_dir)

@@ -184,7 +184,7 @@ def test_client_compute_gives_a_future_of_the_final_value(worker, client):
 
 @pytest.fixture(scope="module")
 def nanoaod_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from mqexec.synthetic import write_nanoaod
+    from synthetic import write_nanoaod
 
     tmp = tmp_path_factory.mktemp("nanoaod")
     return {

@@ -235,6 +235,16 @@ def test_fileset_layout_and_cache(fileset, tmp_path):
     assert all(uproot.open(p)["Events"].num_entries == 600 for p in bigger["wjets__nominal"]["files"])
 
 
+def test_mqexec_runtime_has_no_generator_and_no_numpy():
+    code = (
+        "import importlib.util, sys, mqexec, mqexec.cli, mqexec.worker\n"
+        "assert importlib.util.find_spec('mqexec.synthetic') is None, 'mqexec.synthetic still exists'\n"
+        "assert 'numpy' not in sys.modules, 'importing mqexec imported numpy'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli(tmp_path):
     out = subprocess.run(
         [

@@ -208,11 +208,11 @@ def build_fileset(
     >>> fileset["ttbar__nominal"]["metadata"]  # doctest: +SKIP
     {'process': 'ttbar', 'variation': 'nominal', 'nevts': 40000, 'xsec': 729.84}
     """
-    try:
-        from mqexec.synthetic import make_fileset
-    except ImportError:  # running from a source checkout without mqexec installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from mqexec.synthetic import make_fileset
+    tools = str(Path(__file__).resolve().parents[2] / "tools")  # the generator is repository tooling
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    from synthetic import make_fileset
+
     return make_fileset(directory, n_files=n_files, events_per_file=events_per_file, processes=processes, seed=seed)
 
 
