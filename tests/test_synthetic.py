@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 import subprocess
 import sys
 import warnings
@@ -344,11 +345,43 @@ def test_script_runs_with_futures(tmp_path):
     )
     assert "executor futures: 12,000 events" in out.stdout
     assert "4j1b: ttbar" in out.stdout and "4j2b: ttbar" in out.stdout
+    png = (tmp_path / "agc_ttbar.png").resolve()
+    assert out.stdout.splitlines()[-1] == f"plot of the 4j1b and 4j2b histograms by process saved to {png}"
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (2000, 900)
+
+
+def _area(image, colour: str) -> int:
+    """Pixels of ``image`` (RGB floats) within 2/255 of ``colour``."""
+    from matplotlib.colors import to_rgb
+
+    return int(np.all(np.abs(image - np.array(to_rgb(colour))) < 2 / 255, axis=-1).sum())
+
+
+def test_plot_stacks_the_processes_in_both_regions(agc, iterative_output, tmp_path):
+    import matplotlib.image
+
+    path = agc.plot_regions(iterative_output, tmp_path / "regions.png")
+    image = matplotlib.image.imread(path)[..., :3]
+    assert image.shape == (900, 2000, 3)
+    # the same colour per process in both panels (W+jets has no 4j2b event here); ttbar dominates both
+    wjets, single_top, ttbar = (agc.PROCESS_STYLE[p][1] for p in ("wjets", "single_top_t_chan", "ttbar"))
+    for panel in (image[:, :1000], image[:, 1000:]):
+        assert _area(panel, ttbar) > 100_000
+        assert _area(panel, ttbar) > 5 * max(_area(panel, wjets), _area(panel, single_top))
+        assert _area(panel, wjets) > 0 and _area(panel, single_top) > 0  # at least their legend entries
+
+
+def test_demo_says_why_there_is_no_plot(agc, iterative_output, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mplhep", None)  # as if mplhep were not installed
+    line = agc.save_plot(iterative_output, tmp_path / "none.png")
+    assert line == "no plot: mplhep is not installed (pip install 'mqexec[plot]')"
+    assert not (tmp_path / "none.png").exists()
 
 
 # coffea itself warns that this real file's Photon_mass/Photon_charge get replaced; not ours to fix
 @pytest.mark.filterwarnings("ignore:Branch Photon_.* already exists:RuntimeWarning")
-def test_real_cms_open_data_file_selects_nothing(agc):
+def test_real_cms_open_data_file_selects_nothing(agc, tmp_path):
     if not REAL_NANOAOD.exists():
         pytest.skip(f"real CMS Open Data file not available at {REAL_NANOAOD} (only on dev/CI machines)")
     fileset = {
@@ -362,3 +395,4 @@ def test_real_cms_open_data_file_selects_nothing(agc):
     for region, h in output["hist_dict"].items():
         assert h.sum(flow=True).value == 0, region
     assert agc.region_yields(output, fileset) == {r: {"ttbar": (0, 0.0)} for r in ("4j1b", "4j2b")}
+    assert agc.plot_regions(output, tmp_path / "empty.png").stat().st_size > 0  # empty regions still plot
