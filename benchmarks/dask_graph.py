@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:  # run from a checkout without mqexec installed
     sys.path.insert(0, str(REPO))
 
 import dask  # noqa: E402
+from _plot import save_bar_chart  # noqa: E402
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 WORKERS = 2
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, wall, msgs, same in rows:
         msgs = msgs.format(dask_tasks=STATS["dask_tasks"])  # the same graph mqexec was handed
         print(f"| {name} | {wall:.2f} | {wall / ref:.2f}x | {msgs} | {same} |")
+    print(save_bar_chart({r[0]: n_events / r[1] for r in rows}, "dask_graph", "dask-awkward graph", unit="events/s"))
     return 0
 
 
