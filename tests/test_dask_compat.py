@@ -33,6 +33,8 @@ import pytest
 distributed = pytest.importorskip("distributed")
 dask = pytest.importorskip("dask")
 
+pytestmark = pytest.mark.timeout(60)  # a hang fails its test instead of blocking the suite
+
 
 # -- functions the workers run (module level: they pickle by reference, tests/ is on the workers' path) ----
 
