@@ -6,6 +6,7 @@ and the workers' logs name every preprocessing task they ran — never by counti
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -175,3 +176,85 @@ def test_rerun_runs_nothing_processor_and_file_changes_rerun(
     assert sorted(_executions(log)) == [f"{os.path.basename(path)} 0", f"{os.path.basename(path)} 5000"]
     assert _metadata_tasks(workers) == 7
     assert after["nevents"] == changed["nevents"]
+
+
+def test_corrupt_record_is_ignored_and_rewritten_outputs_and_save(
+    fileset, reference, broker_url, settings, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    import mqexec
+    from mqexec import MQExecutor
+    from mqexec.outputs import load_output
+
+    start_worker("--concurrency", "2")
+    cache = f"{xrootd_server.url}/{tmp_path.name}/cache"
+    lake = f"{xrootd_server.url}/{tmp_path.name}/lake"
+    saved = f"{xrootd_server.url}/{tmp_path.name}/out/agc.coffea"
+    log = tmp_path / "executions.log"
+    with mqexec.Client(broker_url, lake_url=lake, **settings) as client:
+        first = _run(fileset, MQExecutor(client=client, cache=cache, save=saved, status=False), SkimmingTtbar(str(log)))
+        # open_output: one file per chunk, straight from the workers, named by the chunk, at the URL it reported
+        skims = first.pop("skims")
+        assert len(skims) == 12 and sum(skims.values()) == sum(reference["nevents"].values())
+        on_disk = Path(xrootd_server.local_dir, tmp_path.name, "lake", "skims")
+        assert sorted(p.name for p in on_disk.iterdir()) == sorted(u.rsplit("/", 1)[1] for u in skims)
+        assert all(u.startswith(lake + "/skims/chunk_") for u in skims)
+        # save=: the merged output, as coffea.util.save writes it
+        assert_identical(load_output(saved), reference)
+        from coffea.util import load
+
+        assert_identical(load(saved), reference)
+
+        # damage one record on the server's disk: it is not used, its chunk runs again, the record is rewritten
+        top = Path(xrootd_server.local_dir, tmp_path.name, "cache", "cache")  # <cache URL>/cache/<namespace>
+        (ns,) = [p for p in top.iterdir() if p.name.startswith("coffea-chunks-SkimmingTtbar-")]
+        victim = sorted(p for p in ns.iterdir() if p.name != "_about")[0]
+        raw = bytearray(victim.read_bytes())
+        raw[-5] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+        log.unlink()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = _run(fileset, MQExecutor(client=client, cache=cache, status=False), SkimmingTtbar(str(log)))
+        assert len(_executions(log)) == 1
+        assert_identical(again, reference)
+        assert [str(w.message) for w in caught if "corrupt" in str(w.message)] != []
+        assert victim.read_bytes() != bytes(raw)  # rewritten, and valid now
+
+        assert Lake(cache).cache_get(ns.name, victim.name) is not None  # checksum verified
+
+
+@pytest.mark.parametrize("where", ["unreachable", "refused"])
+def test_failing_lake_still_runs_and_says_so_once(
+    where, fileset, reference, client, start_worker, webdav_server: LakeServer, tmp_path
+) -> None:
+    from mqexec import MQExecutor
+
+    start_worker("--concurrency", "2")
+    # refused: the WebDAV server wants a password that neither the client nor the workers have
+    cache = f"davs://127.0.0.1:{free_port()}/cache" if where == "unreachable" else f"{webdav_server.url}/cache"
+    log = tmp_path / "executions.log"
+    env_ca = {"SSL_CERT_FILE": webdav_server.cafile or ""}
+    with warnings.catch_warnings(record=True) as caught, _env(env_ca):
+        warnings.simplefilter("always")
+        out = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
+    assert_identical(out, reference)
+    assert len(_executions(log)) == 12
+    messages = [str(w.message) for w in caught if "MQExecutor" in str(w.message)]
+    assert len(messages) == 2, messages  # one per Runner stage (preprocessing, chunks), not one per chunk
+    kind = "server unreachable" if where == "unreachable" else "authentication/permission refused"
+    assert all(cache in m and kind in m for m in messages), messages
+    assert "12 of 12 records not stored" in messages[1]
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Any:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

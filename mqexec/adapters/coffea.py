@@ -318,7 +318,7 @@ class MQExecutor(ExecutorBase):
             items = [x for i, x in enumerate(items) if i not in hits]
             keys = [k for i, k in enumerate(keys) if i not in hits]
         labels = [_label(item, self.function_name) for item in items]
-        write_errors: set[str] = set()
+        write_errors: list[str] = []
         try:
             out: tuple[Any, int | BaseException] = (accumulator, 0)
             if items:
@@ -348,16 +348,20 @@ class MQExecutor(ExecutorBase):
         task = _Task(function, self.compression, self._cache, found.namespace, task.lake)
         return task, found.keys, hits, f"{found.about} in {self._cache.write_url}/cache/{found.namespace}"
 
-    def _report(self, note: str, cached: int, ran: int, write_errors: set[str]) -> None:
+    def _report(self, note: str, cached: int, ran: int, write_errors: list[str]) -> None:
         if self._cache is None:
             return
-        problems = self._cache.problems() + sorted(write_errors)
-        for problem in problems:  # once per run and lake, not once per chunk
-            warnings.warn(f"MQExecutor: {problem} (results are correct, the cache is not up to date)", stacklevel=3)
-        log.info("mqexec cache: %d %s from the cache, %d run (%s)", cached, self.unit or "item", ran, note)
+        problems = self._cache.problems()
+        if write_errors:  # one line for all chunks: the count and the first failure, which names the lake
+            problems.append(f"{len(write_errors)} of {ran} records not stored; the first: {write_errors[0]}")
+        if problems:  # one warning per run, whatever the number of chunks
+            warnings.warn(
+                f"MQExecutor: {'; '.join(problems)} (the results are right; the cache is behind)", stacklevel=3
+            )
+        log.info("mqexec cache: %d of %d %ss from the cache (%s)", cached, cached + ran, self.unit or "item", note)
 
     def _gather(
-        self, client: Client, futures: list[Any], labels: list[str], accumulator: Any, write_errors: set[str]
+        self, client: Client, futures: list[Any], labels: list[str], accumulator: Any, write_errors: list[str]
     ) -> tuple[Any, int | BaseException]:
         labelled = {f.key: label for f, label in zip(futures, labels, strict=True)}
         outstanding = len(futures)  # item tasks not yet consumed
@@ -381,7 +385,7 @@ class MQExecutor(ExecutorBase):
                         outstanding -= 1
                         progress.update(bar, advance=1, refresh=True)
                     if isinstance(value, _WriteFailed):  # cache: computed, but not stored
-                        write_errors.add(value.error)
+                        write_errors.append(value.error)
                         value = value.value
                     if isinstance(value, _Skipped):
                         warnings.warn(f"MQExecutor skipped {label}: {value.reason}", stacklevel=2)
