@@ -294,6 +294,7 @@ def test_futures_of_nested_containers_and_collections(worker, client, dist_clien
     # distributed 2025.3 finds a future inside a delayed call too (dask makes it a dependency); 2026 does not
     assert [f.key for f in mqdask.futures_of(dask.delayed(double)(ours[2]))] == [ours[2].key]
     assert mqdask.futures_of(ours[1]) == [ours[1]]
+    assert mqdask.futures_of(f for f in ours) == mqdask.futures_of({i: f for i, f in enumerate(ours)}.values()) == ours
     assert mqdask.futures_of(da.ones(4, chunks=2)) == [] == distributed.futures_of(da.ones(4, chunks=2))
     assert mqdask.futures_of(7) == []
 

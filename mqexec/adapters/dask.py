@@ -54,7 +54,7 @@ import contextlib
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -692,8 +692,9 @@ def persist(
 def futures_of(obj: Any) -> list[Future]:
     """The mqexec futures inside ``obj``, each key once, in the order found (``distributed.futures_of``).
 
-    ``obj`` may be a future, lists/tuples/sets/dicts of anything, or a dask collection: a persisted one holds
-    the futures of its partitions, ``delayed(f)(fut)`` holds ``fut``. It is what ``wait`` waits on.
+    ``obj`` may be a future, lists/tuples/sets/dicts (or iterators, ``dict.values()``) of anything, or a dask
+    collection: a persisted one holds the futures of its partitions, ``delayed(f)(fut)`` holds ``fut``. It is
+    what ``wait`` waits on. An iterator is consumed.
 
     >>> futures_of([fut, {"a": (fut2, 3)}])          # doctest: +SKIP
     [<Future ...>, <Future ...>]
@@ -713,7 +714,7 @@ def futures_of(obj: Any) -> list[Future]:
         if id(x) in seen:
             continue
         seen[id(x)] = x
-        if isinstance(x, list | tuple | set | frozenset):
+        if isinstance(x, list | tuple | set | frozenset | Iterator | ValuesView):
             stack.extend(reversed(list(x)))
         elif isinstance(x, dict):
             stack.extend(reversed(list(x.values())))
