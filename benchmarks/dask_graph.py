@@ -179,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("mqexec, 2 workers x 1 process (RabbitMQ)", wall, msgs, check(out)))
     finally:
         stop(workers)
+        from kombu import Connection
+
+        from mqexec.app import delete_topology
+        from mqexec.config import Config
+
+        with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queues too
+            delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))
 
     n_events = args.files * args.events
     print(
