@@ -429,6 +429,8 @@ def test_annotate_retries_like_distributed(worker, client, dist_client, tmp_path
     with dask.annotate(retries=2):  # around the call: applies to every task, as distributed's submit does
         assert dask.compute(call("around"), scheduler=client.get) == (3,)
         assert dist_client.compute(call("around-theirs")).result(timeout=60) == 3
+    with dask.annotate(retries=lambda key: 2):  # a function of the key, as dask.annotate allows
+        assert dask.compute(call("function"), scheduler=client.get) == (3,)
     with dask.annotate(retries=1), pytest.raises(RuntimeError, match="attempt 2 fails"):  # too few: the last error
         dask.compute(call("short"), scheduler=client.get)
 

@@ -1,4 +1,5 @@
-"""Dask on mqexec: a scheduler ``get`` with graph fusion, ``compute``, and the default-scheduler switch.
+"""Dask on mqexec: a scheduler ``get`` with graph fusion, ``compute``/``persist``/``futures_of``, and the
+default-scheduler switch.
 
 One broker round trip per dask task would drown a dask-awkward graph (thousands of tiny tasks), and every
 intermediate array would travel worker → broker → client → broker → worker. So the graph is cut into
@@ -22,7 +23,8 @@ How the cut is made, in topological order:
   new chain that takes those chains' futures as arguments; the client hands their values in when they are
   done;
 * plain data (``DataNode``, legacy literals) is copied into every chain that reads it; data over 64 KiB is
-  scattered once instead (``Client.scatter``), as are mqexec futures found in the graph.
+  scattered once instead (``Client.scatter``); mqexec futures in the graph (a persisted collection's) are
+  handed to the chains that read them as they are.
 
 So N partitions cost O(N) messages: one per partition chain plus one per reduction node (dask's tree
 reductions combine ``split_every`` inputs each). :data:`STATS` counts the tasks this module submitted.
@@ -73,6 +75,7 @@ _SCATTER_ABOVE = 64 * 1024  #: constants in the graph bigger than this are scatt
 @contextlib.contextmanager
 def default_scheduler(client: Client) -> Iterator[None]:
     """Make ``client.get`` dask's default scheduler inside the block; the previous one comes back after.
+    Dataframe shuffles built inside are task-based (unless the user chose a method).
 
     >>> with default_scheduler(client):          # doctest: +SKIP
     ...     dask.compute(x)                       # runs on client's workers
@@ -442,7 +445,7 @@ def _schedule(
     from ..futures import Future
 
     p = plan(dsk, keys)
-    default_retries = int(retries or dask.get_annotations().get("retries") or 0)
+    around = retries or dask.get_annotations().get("retries") or 0  # a number, or a function of the key
     wanted = _flat_keys(keys)
     token = uuid.uuid4().hex[:8]
     graph = p.graph
@@ -469,7 +472,7 @@ def _schedule(
             unwrap,
             key=_future_key(exports[0], f"dask-{token}-{i}") if unwrap else f"dask-{token}-{i}",
             pure=False,
-            retries=max(p.retries.get(k, default_retries) for k in chain.keys),
+            retries=max(p.retries.get(k, around(k) if callable(around) else around) for k in chain.keys),
             priority=priority,
             resources=resources,
             label=label[:80],
