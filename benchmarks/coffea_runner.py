@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:  # run from a checkout without mqexec installed
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from _plot import save_bar_chart  # noqa: E402
 from coffea import processor  # noqa: E402
 
 WORKERS = 2
@@ -317,6 +318,11 @@ def main(argv=None) -> int:
     )
     print()
     print(markdown_table(rows))
+    print(
+        save_bar_chart(
+            {r["label"]: r.get("rate") for r in rows}, "coffea_runner", "AGC ttbar, coffea Runner", unit="events/s"
+        )
+    )
     return 0 if all("failed" not in r for r in rows) else 1
 
 

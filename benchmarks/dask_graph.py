@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:  # run from a checkout without mqexec installed
     sys.path.insert(0, str(REPO))
 
 import dask  # noqa: E402
+from _plot import save_bar_chart  # noqa: E402
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 WORKERS = 2
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "mqexec-dask-bench"))
     args = ap.parse_args(argv)
 
-    from mqexec.synthetic import write_nanoaod
+    sys.path.insert(0, str(REPO / "tools"))  # the synthetic-data generator is repository tooling
+    from synthetic import write_nanoaod
 
     dask.config.set({"awkward.optimization.which": ["columns"]})  # see docs/benchmarks.md, "dask graph"
     data = Path(args.data_dir)
@@ -177,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("mqexec, 2 workers x 1 process (RabbitMQ)", wall, msgs, check(out)))
     finally:
         stop(workers)
+        from kombu import Connection
+
+        from mqexec.app import delete_topology
+        from mqexec.config import Config
+
+        with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queues too
+            delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))
 
     n_events = args.files * args.events
     print(
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, wall, msgs, same in rows:
         msgs = msgs.format(dask_tasks=STATS["dask_tasks"])  # the same graph mqexec was handed
         print(f"| {name} | {wall:.2f} | {wall / ref:.2f}x | {msgs} | {same} |")
+    print(save_bar_chart({r[0]: n_events / r[1] for r in rows}, "dask_graph", "dask-awkward graph", unit="events/s"))
     return 0
 
 

@@ -18,6 +18,8 @@ import sys
 import time
 import uuid
 
+from _plot import save_bar_chart
+
 
 def noop(x):
     return x
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: throughput {r['tasks_per_s'] / dask['tasks_per_s']:.2f}x dask, "
             f"p50 latency {dask['p50_ms'] / r['p50_ms']:.2f}x better, p90 {dask['p90_ms'] / r['p90_ms']:.2f}x better"
         )
+    print(
+        save_bar_chart(
+            {n: r["tasks_per_s"] for n, r in rows.items()}, "noop", "No-op tasks, map + gather", unit="tasks/s"
+        )
+    )
     return 0
 
 

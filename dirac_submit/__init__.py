@@ -29,7 +29,7 @@ from .errors import (
 from .http import HTTPPolicy
 from .jdl import JobTemplate
 from .pool import Adaptive, Decision, JobInfo, JobPool
-from .proxy import BearerToken, Proxy, find_ca, load_diracx_token, load_proxy
+from .proxy import BearerToken, Proxy, end_entity, find_ca, is_proxy, load_diracx_token, load_proxy
 from .tornado import ServicePaths, TornadoTransport
 from .transport import FINAL_STATUSES, PENDING_STATUSES, JobState, KillResult, Transport
 
@@ -60,7 +60,9 @@ __all__ = [
     "ServicePaths",
     "TornadoTransport",
     "Transport",
+    "end_entity",
     "find_ca",
+    "is_proxy",
     "load_diracx_token",
     "load_proxy",
 ]

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Protocol
 from urllib.parse import quote
 
-from .errors import DiracError
+from .errors import AuthError, DiracError
 from .http import HTTPPolicy
 
 
@@ -87,16 +87,25 @@ class RabbitMQUserIssuer:
 
     def _request(self, verb: str, path: str, **kwargs: object) -> None:
         with self.http.session() as session:
-            self.http.send(
-                session,
-                f"RabbitMQ {verb} {path}",
-                verb,
-                self.management_url + path,
-                idempotent=True,
-                auth=self.admin,
-                verify=self.verify,
-                **kwargs,
-            )
+            try:
+                self.http.send(
+                    session,
+                    f"RabbitMQ {verb} {path}",
+                    verb,
+                    self.management_url + path,
+                    idempotent=True,
+                    auth=self.admin,
+                    verify=self.verify,
+                    **kwargs,
+                )
+            except AuthError as err:
+                if err.status is None:  # a TLS handshake problem, already worded
+                    raise
+                raise AuthError(
+                    f"the RabbitMQ management API at {self.management_url} refused the admin user "
+                    f"{self.admin[0]!r} ({verb} {path}): wrong user name or password, or the user lacks the "
+                    "'administrator' tag"
+                ) from None
 
     def issue(self) -> Mapping[str, str]:
         """Create the user and its permissions; return ``{env_name: amqp URL with its credentials}``."""

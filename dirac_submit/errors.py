@@ -30,7 +30,11 @@ class JDLError(DiracError, ValueError):
 
 
 class AuthError(DiracError):
-    """The server refused our credentials (HTTP 401/403)."""
+    """The server refused our credentials: HTTP 401/403 (``status``), or a TLS alert (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class HTTPStatusError(DiracError):
@@ -66,4 +70,4 @@ class ServiceError(DiracError):
 
 
 class NetworkError(DiracError):
-    """The server could not be reached or did not answer in time, after all retries."""
+    """The server could not be reached, did not answer in time after all retries, or does not speak TLS there."""

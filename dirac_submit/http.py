@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -22,6 +24,17 @@ import urllib3
 from .errors import AuthError, CAError, HTTPStatusError, NetworkError
 
 _TRANSIENT_STATUS = frozenset({502, 503, 504})
+#: What OpenSSL says when the other end answers a TLS hello with something that is not TLS (plain HTTP).
+_NOT_TLS = (
+    "WRONG_VERSION_NUMBER",
+    "wrong version number",
+    "RECORD_LAYER_FAILURE",
+    "record layer failure",
+    "http request",
+    "packet length too long",
+    "UNKNOWN_PROTOCOL",
+    "unknown protocol",
+)
 
 
 @dataclass(frozen=True)
@@ -82,10 +95,10 @@ class HTTPPolicy:
             except requests.exceptions.ConnectionError as err:
                 if not idempotent and not _never_sent(err):
                     raise NetworkError(
-                        f"{call}: the connection to {url} broke after the request was sent ({err}); not retried "
-                        "because it may have been executed (check with a status query before resubmitting)"
+                        f"{call}: the connection to {url} broke after the request was sent ({_reason(err)}); not "
+                        "retried because it may have been executed (check with a status query before resubmitting)"
                     ) from err
-                last = f"connection failed: {err}"
+                last = f"connection failed: {_reason(err)}"
                 continue
             if response.status_code in _TRANSIENT_STATUS:
                 last = f"HTTP {response.status_code} {response.reason}"
@@ -105,23 +118,48 @@ def _never_sent(err: requests.exceptions.ConnectionError) -> bool:
     return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
+def _reason(err: Exception) -> str:
+    """The innermost cause of a ``requests`` error, e.g. ``[Errno 111] Connection refused`` (one line)."""
+    cause: BaseException = err
+    seen = {id(err)}
+    while True:
+        reason = getattr(cause, "reason", None)
+        nxt = reason if isinstance(reason, BaseException) else cause.__cause__ or cause.__context__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        cause = nxt
+    text = str(cause) or type(cause).__name__
+    text = re.sub(r"<[^>]*object at 0x[0-9a-f]+>: ", "", text)
+    return " ".join(text.split())
+
+
 def _tls_error(url: str, verify: object, err: Exception) -> Exception:
-    text = str(err)
-    if "certificate verify failed" in text or "CERTIFICATE_VERIFY_FAILED" in text:
+    text = _reason(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return CAError(
-            f"the certificate of {url} could not be verified with the CAs in {verify!r}: {text}. "
-            "Point X509_CERT_DIR (or ca_dir=) to your grid CA directory"
+            f"the certificate of {url} could not be verified with the CAs in {verify!r} ({text}); "
+            "point X509_CERT_DIR (or ca_dir=) to your grid CA directory"
         )
-    return AuthError(f"TLS handshake with {url} failed (is your proxy accepted by the server?): {text}")
+    if any(mark in text for mark in _NOT_TLS):
+        host = urlsplit(url)
+        return NetworkError(
+            f"{host.hostname}:{host.port or 443} does not speak TLS ({text}): is it a plain-HTTP port? "
+            "Give the HTTPS port of the service (DIRAC's Tornado services listen on 8443 by default)"
+        )
+    if "alert" in text.lower():  # the server sent a TLS alert: it did not accept our certificate
+        return AuthError(f"the TLS handshake with {url} was refused ({text}): is your proxy accepted by the server?")
+    return NetworkError(f"the TLS handshake with {url} failed: {text}")
 
 
 def _status_error(call: str, url: str, response: requests.Response) -> Exception:
-    body = response.text.strip()[:500]
+    body = _text(response.text)[:300]
     code = response.status_code
     if code in (401, 403):
         return AuthError(
             f"{call}: HTTP {code} {response.reason} from {url}: the server did not accept your credentials "
-            f"(expired, not registered in this DIRAC, or wrong group). Server said: {body or '(nothing)'}"
+            f"(expired, not registered in this DIRAC, or wrong group). Server said: {body or '(nothing)'}",
+            status=code,
         )
     if code == 501:
         text = f"{call}: HTTP 501: the service at {url} does not implement this method (wrong service path?)"
@@ -132,3 +170,8 @@ def _status_error(call: str, url: str, response: requests.Response) -> Exception
     else:
         text = f"{call}: HTTP {code} {response.reason} from {url}: {body}"
     return HTTPStatusError(call, code, text)
+
+
+def _text(body: str) -> str:
+    """A reply body as one line of text: HTML tags dropped, blanks collapsed."""
+    return " ".join(re.sub(r"<title>.*?</title>|<[^>]+>", " ", body, flags=re.DOTALL | re.IGNORECASE).split())

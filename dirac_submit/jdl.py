@@ -9,7 +9,7 @@ URL-unquotes them), so anything can be carried there — but they are visible in
 belong in a :class:`dirac_submit.credentials.SecretIssuer`, never here::
 
     template = JobTemplate(
-        command=["mqexec", "worker", "--queue", "py3.11"],
+        command=["mqexec", "worker", "--concurrency", "4"],
         image="/cvmfs/unpacked.cern.ch/registry.hub.docker.com/me/worker:1",
         sites=["LCG.CERN.cern"], processors=4, tags=["GPU"],
         environment={"MQEXEC_LOG": "info"},

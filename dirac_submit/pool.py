@@ -10,8 +10,10 @@ to talk to DIRAC (:class:`~dirac_submit.transport.Transport`); the pool only cou
         for job in pool.refresh():
             print(job.job_id, job.site, job.status, job.minor_status, job.since)
 
-Jobs that are accepted but never start (stuck in Waiting/Received/Checking) still count as
-active, and while any job is stuck the pool does not grow: more jobs would only wait too.
+Jobs go out as parametric descriptions of at most ``max_parametric`` jobs each (DIRAC's
+``MaxParametricJobs``, 20 by default), so ``scale(25)`` is two requests. Jobs that are accepted but
+never start (stuck in Waiting/Received/Checking) still count as active, and while any job is stuck
+the pool does not grow: more jobs would only wait too.
 An interpreter exit (``atexit``) closes every pool that is still open.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +29,15 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from .credentials import SecretIssuer
+from .errors import ServiceError
 from .jdl import JobTemplate
 from .transport import FINAL_STATUSES, PENDING_STATUSES, JobState, Transport
 
 log = logging.getLogger(__name__)
+
+MAX_PARAMETRIC_JOBS = 20  #: DIRAC's default MaxParametricJobs (JobManagerHandler.MAX_PARAMETRIC_JOBS)
+EWMSJDL = 1501  #: DIRAC's "Invalid job description" errno
+_LIMIT = re.compile(r"Number of parametric jobs exceeds the limit of (\d+)")
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,12 @@ class JobPool:
         transport: where to submit (Tornado or DiracX).
         template: what each job runs.
         secrets: issues short-lived credentials put in the jobs' environment, revoked on close.
-        parametric: submit several jobs as one parametric description (one request) instead of one by one.
+        parametric: submit several jobs as parametric descriptions (one request per batch) instead of one by one.
+        max_parametric: jobs per parametric description: DIRAC's ``MaxParametricJobs`` (20 unless the admin set
+            another). A server that refuses a batch with a lower limit (``Errno 1501``, "Number of parametric
+            jobs exceeds the limit of N") is answered with batches of N.
         delete_on_close: delete the jobs on close (their logs are then gone) instead of only killing them.
+        on_submit: called with the ids of each batch as soon as DIRAC accepted it (e.g. to write them down).
         clock: monotonic time source (tests pass a fake one).
     """
 
@@ -94,14 +106,20 @@ class JobPool:
         *,
         secrets: SecretIssuer | None = None,
         parametric: bool = True,
+        max_parametric: int = MAX_PARAMETRIC_JOBS,
         delete_on_close: bool = False,
+        on_submit: Callable[[list[int]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if max_parametric < 1:
+            raise ValueError(f"max_parametric must be >= 1, got {max_parametric}")
         self.transport = transport
         self.template = template
         self.secrets = secrets
         self.parametric = parametric
+        self.max_parametric = max_parametric
         self.delete_on_close = delete_on_close
+        self.on_submit = on_submit
         self.clock = clock
         self._jobs: dict[int, JobInfo] = {}
         self._lock = threading.RLock()
@@ -113,24 +131,40 @@ class JobPool:
     # -- the jobs -------------------------------------------------------------------------------
 
     def submit(self, count: int) -> list[int]:
-        """Submit ``count`` more jobs; return their ids."""
+        """Submit ``count`` more jobs, in batches of at most ``max_parametric``; return their ids.
+
+        Each batch is the pool's (and killed on :meth:`close`) as soon as DIRAC accepted it, also when a
+        later batch fails.
+        """
         if count <= 0:
             return []
         with self._lock:
             self._check_open()
             if self.secrets is not None and self._secret_env is None:
                 self._secret_env = dict(self.secrets.issue())
-            env = self._secret_env
-            if self.parametric and count > 1:
-                jdls = [self.template.to_jdl(count, env)]
-            else:
-                jdls = [self.template.to_jdl(1, env)] * count
-            ids = self.transport.submit(jdls)
-            now, tick = datetime.now(UTC), self.clock()
-            for job_id in ids:
-                self._jobs[job_id] = JobInfo(job_id, "Received", "submitted", "", now, tick)
-            log.info("submitted %d job(s): %s", len(ids), ids)
+            ids: list[int] = []
+            while len(ids) < count:
+                size = min(count - len(ids), self.max_parametric) if self.parametric else 1
+                try:
+                    batch = self.transport.submit([self.template.to_jdl(size, self._secret_env)])
+                except ServiceError as err:
+                    limit = _parametric_limit(err)
+                    if limit is None or size <= max(limit, 1):
+                        raise
+                    log.info("the server allows %d parametric jobs per submission; submitting in batches", limit)
+                    self.max_parametric = max(limit, 1)
+                    continue
+                self._add(batch)
+                ids += batch
             return ids
+
+    def _add(self, ids: list[int]) -> None:
+        now, tick = datetime.now(UTC), self.clock()
+        for job_id in ids:
+            self._jobs[job_id] = JobInfo(job_id, "Received", "submitted", "", now, tick)
+        log.info("submitted %d job(s): %s", len(ids), ids)
+        if self.on_submit is not None:
+            self.on_submit(ids)
 
     def refresh(self) -> list[JobInfo]:
         """Poll the server for every job not yet final; return all jobs (see :meth:`jobs`)."""
@@ -308,6 +342,12 @@ class Adaptive:
             except Exception:  # a failed round must not end adaptation; the next one retries
                 log.exception("adapt step failed")
             self._stop.wait(self.interval)
+
+
+def _parametric_limit(err: ServiceError) -> int | None:
+    """N from DIRAC's refusal "Number of parametric jobs exceeds the limit of N" (Errno 1501), else None."""
+    match = _LIMIT.search(err.message)
+    return int(match.group(1)) if err.errno == EWMSJDL and match else None
 
 
 def _update(job: JobInfo, state: JobState) -> JobInfo:

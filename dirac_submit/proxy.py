@@ -19,10 +19,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from .errors import CAError, ProxyError
 
 RENEW_HINT = "renew it with: dirac-proxy-init -g <your_group>"
+#: ProxyCertInfo extension OIDs: RFC 3820, and the GSI draft (pre-RFC Globus proxies) it came from.
+PROXY_CERT_INFO_OIDS = frozenset({"1.3.6.1.5.5.7.1.14", "1.3.6.1.4.1.3536.1.222"})
+#: DIRAC's group extension in proxies made by ``dirac-proxy-init -g <group>`` (an IA5String).
+DIRAC_GROUP_OID = "1.2.42.42"
 _DIRACX_BLOCK = re.compile(r"-----BEGIN DIRACX-----\s*(.*?)\s*-----END DIRACX-----", re.DOTALL)
 
 
@@ -34,11 +39,17 @@ class Proxy:
         path: the PEM file holding the proxy certificate, its key, and the user's certificate chain.
         identity: subject of the user's certificate (the proxy's subject minus the proxy CNs).
         not_after: when the shortest-lived certificate in the chain expires (UTC).
+        group: the DIRAC group the proxy was made for (``dirac-proxy-init -g``), when it carries one.
     """
 
     path: str
     identity: str
     not_after: datetime
+    group: str | None = None
+
+    def init_command(self) -> str:
+        """The ``dirac-proxy-init`` line that renews this proxy (and uploads it to DIRAC's ProxyManager)."""
+        return f"dirac-proxy-init -g {self.group or '<your_group>'}"
 
     def check(self, margin: timedelta = timedelta(minutes=1)) -> None:
         """Raise :class:`ProxyError` if the proxy is expired (or expires within ``margin``)::
@@ -50,7 +61,7 @@ class Proxy:
             state = "expired" if self.not_after <= now else "expires"
             raise ProxyError(
                 f"the X.509 proxy {self.path} ({self.identity}) {state} at "
-                f"{self.not_after:%Y-%m-%d %H:%M:%S} UTC; {RENEW_HINT}"
+                f"{self.not_after:%Y-%m-%d %H:%M:%S} UTC; renew it with: {self.init_command()}"
             )
 
 
@@ -85,11 +96,12 @@ def load_proxy(path: str | os.PathLike[str] | None = None) -> Proxy:
         raise ProxyError(f"{where} holds no PEM certificate ({err}); {RENEW_HINT}") from err
     if b"PRIVATE KEY-----" not in data:
         raise ProxyError(f"{where} holds no private key, so it is not a proxy; {RENEW_HINT}")
-    user = next((c for c in chain if not _is_proxy(c)), chain[-1])
+    user = end_entity(chain) or chain[-1]
     proxy = Proxy(
         path=where,
         identity=_dn(user.subject),
         not_after=min(c.not_valid_after_utc for c in chain),
+        group=_dirac_group(chain[0]),
     )
     proxy.check(margin=timedelta(0))
     return proxy
@@ -173,13 +185,36 @@ def _token(raw: str, source: str) -> BearerToken:
         raise ProxyError(f"cannot read a DiracX token from {source}: {err!r}") from err
 
 
-def _is_proxy(cert: x509.Certificate) -> bool:
+def is_proxy(cert: x509.Certificate) -> bool:
+    """True for a proxy certificate: a ProxyCertInfo extension (RFC 3820 or the GSI draft), or a legacy Globus
+    proxy whose last CN is ``proxy`` or ``limited proxy``::
+
+        is_proxy(x509.load_pem_x509_certificates(open("/tmp/x509up_u1000", "rb").read())[0])   # True
+    """
+    if any(ext.oid.dotted_string in PROXY_CERT_INFO_OIDS for ext in cert.extensions):
+        return True
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return bool(cns) and cns[-1].value in ("proxy", "limited proxy")
+
+
+def end_entity(chain: list[x509.Certificate]) -> x509.Certificate | None:
+    """The first certificate of a chain (proxy first) that is not a proxy: the person's; None if there is none."""
+    return next((cert for cert in chain if not is_proxy(cert)), None)
+
+
+def _dirac_group(cert: x509.Certificate) -> str | None:
     try:
-        cert.extensions.get_extension_for_oid(x509.ObjectIdentifier("1.3.6.1.5.5.7.1.14"))
+        der = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(DIRAC_GROUP_OID)).value
     except x509.ExtensionNotFound:
-        return False
-    return True
+        return None
+    data = der.value if isinstance(der, x509.UnrecognizedExtension) else b""
+    if len(data) < 2 or data[0] != 0x16 or data[1] & 0x80:  # a short IA5String, as DIRAC writes it
+        return None
+    return data[2 : 2 + data[1]].decode("ascii", "replace") or None
 
 
 def _dn(name: x509.Name) -> str:
-    return "".join(f"/{attr.rfc4514_attribute_name}={attr.value}" for attr in name)
+    def text(value: str | bytes) -> str:
+        return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+    return "".join(f"/{attr.rfc4514_attribute_name}={text(attr.value)}" for attr in name)

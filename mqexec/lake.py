@@ -8,22 +8,34 @@ Big results go here instead of through the broker; the message carries a :class:
     b'big result'
 
 ``file://`` is handled with the standard library; every other scheme goes through fsspec, imported only when
-such a lake is opened (``root://`` via fsspec-xrootd, ``dav://``/``davs://``/``http(s)://`` via webdav4).
+such a lake is opened (``root://`` via fsspec-xrootd, ``dav://``/``davs://``/``http(s)://`` via webdav4, with the
+grid credentials of the environment: :mod:`mqexec.lake_auth`).
+
+    writer ──open_atomic(path)──▶ <path>.tmp-<random> ──close: rename (os.replace / kXR_mv / MOVE)──▶ <path>
+    reader ──▶ <path>: the whole object or nothing, never a torn one
+
+Layout: ``objects/<sha[:2]>/<sha>`` (results by content), ``cache/<namespace>/<key>`` (cache records: a header
+``MQXC1 <sha256>`` + payload, checked on every read), anything else (``open_output``, ``save=``) by its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import io
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Lake", "LakeError", "LakeRef", "cache_key", "open_lake"]
+from .errors import MQExecError
+
+__all__ = ["Entry", "Lake", "LakeError", "LakeRef", "cache_key", "open_lake"]
 
 _WEBDAV = {"dav": "http", "davs": "https", "webdav": "https", "http": "http", "https": "https"}
 _XROOTD = {"root", "xroot"}
@@ -33,8 +45,25 @@ _CACHE_MAGIC = b"MQXC1 "  # cache record = magic + sha256 hex of the payload + b
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{3,200}$")
 
 
-class LakeError(Exception):
-    """A data-lake operation failed; the message names the URL and the cause."""
+class LakeError(MQExecError):
+    """A data-lake operation failed; the message names the URL and the cause (never a credential).
+
+    ``kind`` is ``"missing object"``, ``"authentication/permission refused"``, ``"server unreachable"``,
+    ``"corrupt"`` or None (anything else)."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One listed object: ``Entry(name, size, mtime)`` (``mtime`` in seconds since the epoch, 0 if unknown)."""
+
+    name: str
+    size: int
+    mtime: float
+    is_dir: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,13 +111,74 @@ _CAUSES = [  # (kind, exception types, pattern over "TypeName: message"); word b
 ]
 
 
-def _cause(exc: BaseException) -> str:
-    """Name the kind of failure for the error message: ``missing object (FileNotFoundError: ...)``."""
-    text = f"{type(exc).__name__}: {exc}"
+def _redact(text: str) -> str:
+    """``text`` without the bearer token of this process, should a server or library ever echo it."""
+    from .lake_auth import bearer_token
+
+    token = bearer_token() or ""
+    return text.replace(token, "<token>") if len(token) >= 8 else text
+
+
+def _classify(exc: BaseException) -> tuple[str | None, str]:
+    """``("missing object", "FileNotFoundError: ...")``: the kind of failure (None if unknown) and its text."""
+    text = _redact(f"{type(exc).__name__}: {exc}")
     for kind, types, pattern in _CAUSES:
         if isinstance(exc, types) or re.search(pattern, text, re.IGNORECASE):
-            return f"{kind} ({text})"
-    return text
+            return kind, text
+    return None, text
+
+
+def _cause(exc: BaseException) -> str:
+    """Name the kind of failure for the error message: ``missing object (FileNotFoundError: ...)``."""
+    kind, text = _classify(exc)
+    return f"{kind} ({text})" if kind else text
+
+
+class _Atomic:
+    """A file being written under a temporary name; ``close()`` renames it into place, an error drops it."""
+
+    def __init__(self, f: IO[bytes], commit: Callable[[], None], abort: Callable[[], None], url: str) -> None:
+        self._f, self._commit, self._abort, self.url = f, commit, abort, url
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return self._f.write(data) or len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._f.close()
+            self._commit()
+
+    def discard(self) -> None:
+        """Drop what was written; nothing appears at the final name."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._f.close()
+            finally:
+                self._abort()
+
+    def __enter__(self) -> _Atomic:
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class _SyncedFile(io.FileIO):
+    """A local file that reaches the disk (fsync) before it is closed, and so before it is renamed."""
+
+    def close(self) -> None:
+        if not self.closed:
+            os.fsync(self.fileno())
+        super().close()
 
 
 class _Local:
@@ -107,22 +197,41 @@ class _Local:
         with open(path, "rb") as f:
             return f.read()
 
-    def write(self, path: str, data: bytes) -> None:
+    def open_atomic(self, path: str, url: str) -> _Atomic:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
+
+        def commit() -> None:
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                abort()
+                raise
+
+        def abort() -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise
+
+        return _Atomic(_SyncedFile(tmp, "wb"), commit, abort, url)
+
+    def listdir(self, path: str) -> list[Entry]:
+        try:
+            with os.scandir(path) as it:
+                return [
+                    Entry(e.name, st.st_size, st.st_mtime, e.is_dir())
+                    for e in it
+                    for st in [e.stat(follow_symlinks=False)]
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def remove(self, path: str) -> None:
         os.unlink(path)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    value = info.get("mtime", info.get("modified", info.get("LastModified", 0)))
+    return value.timestamp() if hasattr(value, "timestamp") else float(value or 0)
 
 
 class _Fsspec:
@@ -131,14 +240,15 @@ class _Fsspec:
     def __init__(self, fs: Any, root: str, rename: bool, move: Any = None) -> None:
         self.fs, self.root, self.rename, self.move = fs, root, rename, move or fs.mv
 
+    def _missing(self, exc: OSError) -> bool:
+        return _classify(exc)[0] == "missing object"
+
     def size(self, path: str) -> int | None:
         self.fs.invalidate_cache(path)  # never trust a cached listing for "is it there?"
         try:
             return int(self.fs.info(path)["size"])
-        except FileNotFoundError:
-            return None
         except OSError as exc:  # fsspec-xrootd raises plain OSError with the server's text
-            if _cause(exc).startswith("missing"):
+            if self._missing(exc):
                 return None
             raise
 
@@ -146,19 +256,42 @@ class _Fsspec:
         with self.fs.open(path, "rb") as f:
             return f.read()
 
-    def write(self, path: str, data: bytes) -> None:
+    def open_atomic(self, path: str, url: str) -> _Atomic:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         target = f"{path}.tmp-{uuid.uuid4().hex}" if self.rename else path
-        with self.fs.open(target, "wb") as f:
-            f.write(data)
-        if target != path:
+
+        def commit() -> None:
+            if target == path:
+                return
             try:
                 self.move(target, path)
             except Exception:
-                # Some servers refuse to overwrite: fine if a concurrent writer put the same content there.
-                if self.size(path) != len(data):
-                    raise
+                abort()
+                raise
+
+        def abort() -> None:
+            with contextlib.suppress(OSError):  # never written, or already gone: nothing to clean
                 self.fs.rm(target)
+
+        return _Atomic(self.fs.open(target, "wb"), commit, abort, url)
+
+    def listdir(self, path: str) -> list[Entry]:
+        self.fs.invalidate_cache(path)
+        try:
+            infos = self.fs.ls(path, detail=True)
+        except OSError as exc:
+            if self._missing(exc):
+                return []
+            raise
+        return [
+            Entry(
+                str(i["name"]).rstrip("/").rsplit("/", 1)[-1],
+                int(i.get("size") or 0),
+                _mtime(i),
+                i["type"] == "directory",
+            )
+            for i in infos
+        ]
 
     def remove(self, path: str) -> None:
         self.fs.rm(path)
@@ -166,7 +299,9 @@ class _Fsspec:
 
 class Lake:
     """A data lake at ``url``, e.g. ``Lake("root://localhost:1094//data/lake")`` or
-    ``Lake("davs://host/lake", auth=("user", "pw"))``; ``storage_options`` go to the fsspec filesystem."""
+    ``Lake("davs://host/lake", auth=("user", "pw"))``; ``storage_options`` go to the fsspec filesystem.
+    Without ``auth``/``verify``, a WebDAV lake uses the grid credentials of the environment
+    (:func:`mqexec.lake_auth.webdav_options`)."""
 
     def __init__(self, url: str, **storage_options: Any) -> None:
         self.url = url.rstrip("/") if urlsplit(url).path.strip("/") else url
@@ -180,7 +315,10 @@ class Lake:
             if scheme in _WEBDAV:
                 from webdav4.fsspec import WebdavFileSystem
 
-                fs = WebdavFileSystem(f"{_WEBDAV[scheme]}://{parts.netloc}/", **storage_options)
+                from .lake_auth import webdav_options
+
+                options = webdav_options(storage_options)
+                fs = WebdavFileSystem(f"{_WEBDAV[scheme]}://{parts.netloc}/", **options)
                 # WebDAV MOVE with "Overwrite: T" is a server-side rename (fs.mv would copy + delete)
                 move = partial(fs.client.move, overwrite=True)
                 self._store = _Fsspec(fs, unquote(parts.path).strip("/"), rename=True, move=move)
@@ -210,62 +348,120 @@ class Lake:
         except LakeError:
             raise
         except Exception as exc:
-            raise LakeError(f"{url}: {what} failed: {_cause(exc)}") from exc
+            raise LakeError(f"{url}: {what} failed: {_cause(exc)}", _classify(exc)[0]) from exc
 
     def _rel(self, ref: LakeRef) -> str:
         if not ref.url.startswith(self._base):
             raise LakeError(f"{ref.url}: not an object of the lake {self.url}")
         return ref.url[len(self._base) :]
 
+    def url_of(self, rel: str) -> str:
+        """``lake.url_of("skims/a.parquet")`` → ``<lake url>/skims/a.parquet``."""
+        return self._base + rel.lstrip("/")
+
+    # -------------------------------------------------------------------------------- named objects
+    def write(self, rel: str, data: bytes) -> str:
+        """Write ``data`` at ``<url>/<rel>`` atomically (last writer wins); returns its URL."""
+        with self.open_write(rel) as f:
+            self._call(f.url, "write", f.write, bytes(data))
+        return f.url
+
+    def open_write(self, rel: str) -> _Atomic:
+        """``with lake.open_write("skims/a.parquet") as f: f.write(...)`` — visible at ``f.url`` only once
+        closed without an error; an exception inside the block leaves nothing behind."""
+        url = self.url_of(rel)
+        atomic: _Atomic = self._call(url, "open for writing", self._store.open_atomic, self._path(rel), url)
+        commit, abort = atomic._commit, atomic._abort
+        atomic._commit = lambda: self._call(url, "write", commit)
+        atomic._abort = lambda: self._call(url, "clean-up", abort)
+        return atomic
+
+    def read(self, rel: str) -> bytes:
+        """The bytes at ``<url>/<rel>``; LakeError (``missing object``) if there is none."""
+        return self._call(self.url_of(rel), "read", self._store.read, self._path(rel))
+
+    def size(self, rel: str) -> int | None:
+        """Size of ``<url>/<rel>``, or None if it is not there."""
+        return self._call(self.url_of(rel), "stat", self._store.size, self._path(rel))
+
+    def listdir(self, rel: str = "") -> list[Entry]:
+        """The entries of the folder ``<url>/<rel>`` (``[]`` if there is no such folder)."""
+        path = self._path(rel.strip("/")) if rel.strip("/") else self._store.root
+        return self._call(self.url_of(rel), "list", self._store.listdir, path)
+
+    def remove(self, rel: str) -> None:
+        """Remove ``<url>/<rel>``; LakeError if it is not there."""
+        self._call(self.url_of(rel), "delete", self._store.remove, self._path(rel))
+
+    # ------------------------------------------------------------------------ content-addressed results
     def put(self, data: bytes) -> LakeRef:
         """Store ``data`` at ``<url>/objects/<sha[:2]>/<sha>``: ``ref = lake.put(b"...")``. Idempotent."""
         sha = hashlib.sha256(data).hexdigest()
         rel = f"objects/{sha[:2]}/{sha}"
         ref = LakeRef(self._base + rel, len(data), sha)
-        path = self._path(rel)
-        if self._call(ref.url, "stat", self._store.size, path) != len(data):
-            self._call(ref.url, "write", self._store.write, path, bytes(data))
+        if self.size(rel) != len(data):
+            self.write(rel, data)
         return ref
 
     def get(self, ref: LakeRef) -> bytes:
         """``lake.get(ref) -> bytes``, verified against ``ref.size`` and ``ref.sha256``."""
-        data = self._call(ref.url, "read", self._store.read, self._path(self._rel(ref)))
+        data = self.read(self._rel(ref))
         if len(data) != ref.size:
-            raise LakeError(f"{ref.url}: corrupt object: size {len(data)} != expected {ref.size}")
+            raise LakeError(f"{ref.url}: corrupt object: size {len(data)} != expected {ref.size}", "corrupt")
         sha = hashlib.sha256(data).hexdigest()
         if sha != ref.sha256:
-            raise LakeError(f"{ref.url}: corrupt object: sha256 {sha} != expected {ref.sha256}")
+            raise LakeError(f"{ref.url}: corrupt object: sha256 {sha} != expected {ref.sha256}", "corrupt")
         return data
 
     def delete(self, ref: LakeRef) -> None:
         """``lake.delete(ref)``; LakeError if it is not there."""
-        self._call(ref.url, "delete", self._store.remove, self._path(self._rel(ref)))
+        self.remove(self._rel(ref))
 
-    def _cache_rel(self, key: str) -> str:
-        if not _KEY_RE.match(key):
-            raise LakeError(f"{self.url}: bad cache key {key!r} (want 3-200 chars of [A-Za-z0-9._-])")
-        return f"cache/{key[:2]}/{key}"
+    # ---------------------------------------------------------------------------------- cache records
+    def _cache_rel(self, namespace: str, key: str = "") -> str:
+        for name in (namespace, key) if key else (namespace,):
+            if not _KEY_RE.match(name):
+                raise LakeError(f"{self.url}: bad cache name {name!r} (want 3-200 chars of [A-Za-z0-9._-])")
+        return f"cache/{namespace}/{key}" if key else f"cache/{namespace}"
 
-    def cache_get(self, key: str) -> bytes | None:
-        """``lake.cache_get(cache_key(...))`` → the record, or None if absent; LakeError if corrupt."""
-        rel = self._cache_rel(key)
-        url, path = self._base + rel, self._path(rel)
-        if self._call(url, "stat", self._store.size, path) is None:
-            return None
-        raw = self._call(url, "read", self._store.read, path)
+    def cache_url(self, namespace: str, key: str) -> str:
+        """URL of a cache record: ``<url>/cache/<namespace>/<key>``."""
+        return self.url_of(self._cache_rel(namespace, key))
+
+    def cache_get(self, namespace: str, key: str) -> bytes | None:
+        """``lake.cache_get("ns", cache_key(...))`` → the payload, or None if absent; LakeError if corrupt."""
+        rel = self._cache_rel(namespace, key)
+        try:
+            raw = self.read(rel)
+        except LakeError as exc:
+            if exc.kind == "missing object":
+                return None
+            raise
         head, sep, data = raw.partition(b"\n")
         if (
             not (sep and head.startswith(_CACHE_MAGIC))
             or head[len(_CACHE_MAGIC) :].decode(errors="replace") != hashlib.sha256(data).hexdigest()
         ):
-            raise LakeError(f"{url}: corrupt cache record (sha256 does not match its header)")
+            raise LakeError(f"{self.url_of(rel)}: corrupt cache record (sha256 does not match its header)", "corrupt")
         return data
 
-    def cache_put(self, key: str, data: bytes) -> None:
-        """``lake.cache_put(cache_key(...), b"...")``; last writer wins; never seen half-written."""
-        rel = self._cache_rel(key)
+    def cache_put(self, namespace: str, key: str, data: bytes) -> str:
+        """``lake.cache_put("ns", cache_key(...), b"...")``; last writer wins; never seen half-written."""
         record = _CACHE_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + bytes(data)
-        self._call(self._base + rel, "write", self._store.write, self._path(rel), record)
+        return self.write(self._cache_rel(namespace, key), record)
+
+    def cache_list(self, namespace: str) -> dict[str, Entry]:
+        """The records of a namespace, ``{key: Entry}`` — one listing, whatever their number."""
+        entries = self.listdir(self._cache_rel(namespace))
+        return {e.name: e for e in entries if not e.is_dir and ".tmp-" not in e.name}
+
+    def cache_namespaces(self) -> list[str]:
+        """The namespaces that have records (or had: an emptied folder may stay on some storages)."""
+        return sorted(e.name for e in self.listdir("cache") if e.is_dir)
+
+    def cache_remove(self, namespace: str, key: str) -> None:
+        """Remove one record (or a leftover ``*.tmp-*`` file)."""
+        self.remove(f"{self._cache_rel(namespace)}/{key}")
 
 
 def _known_schemes() -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mqexec.errors import MQExecError
 from mqexec.lake import Lake, LakeError, LakeRef, cache_key, open_lake
 from tests.lake_servers import LakeServer, free_port, put_from_child, webdav_server, xrootd_server
 
@@ -106,22 +107,55 @@ def test_missing_object_and_delete(site: Site) -> None:
         lake.get(LakeRef("file:///elsewhere/objects/aa/aa", 1, "aa"))
 
 
-def test_chunk_cache(site: Site) -> None:
+def test_cache_records(site: Site) -> None:
     lake = site.lake()
     key = cache_key("processor-sha", "file-uuid", "Events", 0, 200_000)
-    assert lake.cache_get(key) is None
-    lake.cache_put(key, b"partial accumulator")
-    assert lake.cache_get(key) == b"partial accumulator"
-    lake.cache_put(key, b"rerun result")  # last writer wins
-    assert lake.cache_get(key) == b"rerun result"
-    path = os.path.join(site.local, "cache", key[:2], key)
-    assert os.listdir(os.path.dirname(path)) == [key]
+    assert lake.cache_get("agc-v1", key) is None
+    assert lake.cache_list("agc-v1") == {} and lake.cache_namespaces() == []
+    url = lake.cache_put("agc-v1", key, b"partial accumulator")
+    assert url == f"{site.url}/cache/agc-v1/{key}" == lake.cache_url("agc-v1", key)
+    assert lake.cache_get("agc-v1", key) == b"partial accumulator"
+    lake.cache_put("agc-v1", key, b"rerun result")  # last writer wins
+    assert lake.cache_get("agc-v1", key) == b"rerun result"
+    lake.cache_put("agc-v1", "k" * 64, b"another")
+    listed = lake.cache_list("agc-v1")  # one listing for the whole namespace
+    assert set(listed) == {key, "k" * 64}
+    assert listed[key].size == len(b"rerun result") + 71 and listed[key].mtime > 1.7e9
+    assert lake.cache_namespaces() == ["agc-v1"]
+    path = os.path.join(site.local, "cache", "agc-v1", key)
+    assert sorted(os.listdir(os.path.dirname(path))) == sorted([key, "k" * 64])  # no temporary files
     _flip_byte(path, offset=-3 + os.path.getsize(path))
     with pytest.raises(LakeError, match="corrupt cache record") as e:
-        lake.cache_get(key)
-    assert f"{site.url}/cache/{key[:2]}/{key}" in str(e.value)
-    with pytest.raises(LakeError, match="bad cache key"):
-        lake.cache_get("../etc/passwd")
+        lake.cache_get("agc-v1", key)
+    assert e.value.kind == "corrupt" and f"{site.url}/cache/agc-v1/{key}" in str(e.value)
+    lake.cache_remove("agc-v1", key)
+    assert set(lake.cache_list("agc-v1")) == {"k" * 64}
+    with pytest.raises(LakeError, match="bad cache name"):
+        lake.cache_get("agc-v1", "../etc/passwd")
+    with pytest.raises(LakeError, match="bad cache name"):
+        lake.cache_list("../..")
+
+
+def test_named_writes_are_atomic(site: Site) -> None:
+    lake = site.lake()
+    with lake.open_write("skims/a.parquet") as f:
+        f.write(b"part 1, ")
+        assert lake.size("skims/a.parquet") is None  # not visible while it is written
+        f.write(b"part 2")
+    assert f.url == f"{site.url}/skims/a.parquet"
+    assert lake.read("skims/a.parquet") == b"part 1, part 2"
+    with pytest.raises(ZeroDivisionError), lake.open_write("skims/b.parquet") as g:
+        g.write(b"half")
+        1 / 0  # noqa: B018 - the writer fails half-way
+    assert lake.size("skims/b.parquet") is None
+    assert [e.name for e in lake.listdir("skims")] == ["a.parquet"]  # the half-written file is gone
+    assert lake.write("out/agc.coffea", b"v1") == f"{site.url}/out/agc.coffea"
+    lake.write("out/agc.coffea", b"v2")  # replaced in place
+    assert lake.read("out/agc.coffea") == b"v2"
+    assert lake.listdir("nowhere") == []
+    with pytest.raises(LakeError, match="missing object") as e:
+        lake.read("nowhere/x")
+    assert e.value.kind == "missing object"
 
 
 def test_concurrent_puts_make_one_valid_object(site: Site) -> None:
@@ -149,6 +183,7 @@ def test_webdav_wrong_password_names_url(webdav_server: LakeServer) -> None:
     with pytest.raises(LakeError, match="authentication") as e:
         lake.put(b"x")
     assert webdav_server.url + "/auth/objects/" in str(e.value)
+    assert isinstance(e.value, MQExecError) and e.value.kind == "authentication/permission refused"
 
 
 def test_unreachable_server_names_url() -> None:

@@ -1,10 +1,12 @@
-"""Synthetic NanoAOD (mqexec.synthetic) and the AGC ttbar example processor under coffea's own executors."""
+"""Synthetic NanoAOD (``tools/synthetic``) and the AGC ttbar example processor under coffea's own executors."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import struct
 import subprocess
 import sys
 import warnings
@@ -17,12 +19,12 @@ ak = pytest.importorskip("awkward")
 uproot = pytest.importorskip("uproot")
 pytest.importorskip("coffea")
 
+import synthetic  # noqa: E402  (tools/ is on pytest's path)
 from coffea import processor  # noqa: E402
 from coffea.nanoevents import NanoAODSchema, NanoEventsFactory  # noqa: E402
 
-from mqexec import synthetic  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
 EXAMPLE = REPO / "docs" / "examples" / "agc_ttbar.py"
 REAL_DATA = REPO.parent / "shared" / "data"
 REAL_NANOAOD = REAL_DATA / "nanoAOD_2015_CMS_Open_Data_ttbar.root"
@@ -67,6 +69,64 @@ def _events(path, **kw):
 def _read_all(path):
     with uproot.open(path) as f:
         return f["Events"].arrays(library="ak")
+
+
+def _digest(columns) -> str:
+    """sha256 over every column in order: name, field names in order, per-event counts, dtype, values."""
+    h = hashlib.sha256()
+    for name, column in columns.items():
+        h.update(name.encode())
+        fields = column.fields if isinstance(column, ak.Array) else []
+        for field in fields or [None]:
+            array = ak.Array(column if field is None else column[field])
+            if field is not None:
+                h.update(field.encode())
+            if array.ndim > 1:
+                h.update(ak.to_numpy(ak.num(array)).astype(np.int64).tobytes())
+                array = ak.flatten(array)
+            flat = ak.to_numpy(array)
+            h.update(flat.dtype.str.encode())
+            h.update(flat.tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- same events as before
+# Recorded from ``mqexec.synthetic`` (the one-function generator this package replaced, commit a41a9e3) with
+# numpy 2.4.6, awkward 2.14.0, uproot 5.7.7: the split by collection must not change a single value.
+BLOCKS_BEFORE_THE_SPLIT = {
+    (2000, 0, "ttbar", 0, 1): "508618b95ac7f5359532a4b9ab22bba83e3e6d02121ad2c4dae832364dab5998",
+    (1500, 7, "wjets", 2, 101): "1b1129005a0f006605907b0686c7904e9389074e41778095e5617d60724d8d11",
+    (1000, 3, "single_top_t_chan", 1, 1): "cb91aa0bebf34bbdd28394b599a7b2a3070c75dc7f603693b4ad2d61cc005e10",
+    (1, 5, "ttbar", 0, 1): "ba831f8fb50f792f5dfadad9001d1f3a25edd4305688ebcbf4c66d047aacf32d",
+}
+# make_fileset(n_files=2, events_per_file=51_000, processes=("single_top_t_chan",), seed=4): two blocks
+# per file (one basket each), read back from the ROOT files
+FILES_BEFORE_THE_SPLIT = {
+    "single_top_t_chan__nominal_000.root": "ea39d2355c70a91a51c583b94898e1c9a4a68ab05cae50df32438cef420c66bd",
+    "single_top_t_chan__nominal_001.root": "1c33a2742d71c4df520143f93254d5cffb65f8058cea97537f5a0565a414e530",
+}
+
+
+@pytest.mark.parametrize(("n", "seed", "process", "block", "first_event"), list(BLOCKS_BEFORE_THE_SPLIT))
+def test_block_is_bit_identical_to_before_the_split(n, seed, process, block, first_event):
+    data = synthetic.generate_block(n, seed=seed, process=process, block=block, first_event=first_event)
+    assert _digest(data) == BLOCKS_BEFORE_THE_SPLIT[(n, seed, process, block, first_event)]
+
+
+def test_files_are_bit_identical_to_before_the_split(tmp_path):
+    fileset = synthetic.make_fileset(
+        tmp_path, n_files=2, events_per_file=51_000, processes=("single_top_t_chan",), seed=4
+    )
+    digests = {}
+    for path in fileset["single_top_t_chan__nominal"]["files"]:
+        events = _read_all(path)
+        digests[Path(path).name] = _digest({field: events[field] for field in events.fields})
+    assert digests == FILES_BEFORE_THE_SPLIT
+
+
+def test_unknown_process_is_named():
+    with pytest.raises(ValueError, match=r"unknown process 'zjets'; choose one of \['single_top_t_chan'"):
+        synthetic.generate_block(10, process="zjets")
 
 
 # ----------------------------------------------------------------------------------------------- the files
@@ -176,12 +236,22 @@ def test_fileset_layout_and_cache(fileset, tmp_path):
     assert all(uproot.open(p)["Events"].num_entries == 600 for p in bigger["wjets__nominal"]["files"])
 
 
+def test_mqexec_runtime_has_no_generator_and_no_numpy():
+    code = (
+        "import importlib.util, sys, mqexec, mqexec.cli, mqexec.worker\n"
+        "assert importlib.util.find_spec('mqexec.synthetic') is None, 'mqexec.synthetic still exists'\n"
+        "assert 'numpy' not in sys.modules, 'importing mqexec imported numpy'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli(tmp_path):
     out = subprocess.run(
         [
             sys.executable,
             "-m",
-            "mqexec.synthetic",
+            "synthetic",
             str(tmp_path),
             "--files",
             "1",
@@ -193,8 +263,8 @@ def test_cli(tmp_path):
         check=True,
         capture_output=True,
         text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")]))},
     )
     fileset = json.loads(out.stdout)
     assert list(fileset) == ["wjets__nominal"]
@@ -275,11 +345,43 @@ def test_script_runs_with_futures(tmp_path):
     )
     assert "executor futures: 12,000 events" in out.stdout
     assert "4j1b: ttbar" in out.stdout and "4j2b: ttbar" in out.stdout
+    png = (tmp_path / "agc_ttbar.png").resolve()
+    assert out.stdout.splitlines()[-1] == f"plot of the 4j1b and 4j2b histograms by process saved to {png}"
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (2000, 900)
+
+
+def _area(image, colour: str) -> int:
+    """Pixels of ``image`` (RGB floats) within 2/255 of ``colour``."""
+    from matplotlib.colors import to_rgb
+
+    return int(np.all(np.abs(image - np.array(to_rgb(colour))) < 2 / 255, axis=-1).sum())
+
+
+def test_plot_stacks_the_processes_in_both_regions(agc, iterative_output, tmp_path):
+    import matplotlib.image
+
+    path = agc.plot_regions(iterative_output, tmp_path / "regions.png")
+    image = matplotlib.image.imread(path)[..., :3]
+    assert image.shape == (900, 2000, 3)
+    # the same colour per process in both panels (W+jets has no 4j2b event here); ttbar dominates both
+    wjets, single_top, ttbar = (agc.PROCESS_STYLE[p][1] for p in ("wjets", "single_top_t_chan", "ttbar"))
+    for panel in (image[:, :1000], image[:, 1000:]):
+        assert _area(panel, ttbar) > 100_000
+        assert _area(panel, ttbar) > 5 * max(_area(panel, wjets), _area(panel, single_top))
+        assert _area(panel, wjets) > 0 and _area(panel, single_top) > 0  # at least their legend entries
+
+
+def test_demo_says_why_there_is_no_plot(agc, iterative_output, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mplhep", None)  # as if mplhep were not installed
+    line = agc.save_plot(iterative_output, tmp_path / "none.png")
+    assert line == "no plot: mplhep is not installed (pip install 'mqexec[plot]')"
+    assert not (tmp_path / "none.png").exists()
 
 
 # coffea itself warns that this real file's Photon_mass/Photon_charge get replaced; not ours to fix
 @pytest.mark.filterwarnings("ignore:Branch Photon_.* already exists:RuntimeWarning")
-def test_real_cms_open_data_file_selects_nothing(agc):
+def test_real_cms_open_data_file_selects_nothing(agc, tmp_path):
     if not REAL_NANOAOD.exists():
         pytest.skip(f"real CMS Open Data file not available at {REAL_NANOAOD} (only on dev/CI machines)")
     fileset = {
@@ -293,3 +395,4 @@ def test_real_cms_open_data_file_selects_nothing(agc):
     for region, h in output["hist_dict"].items():
         assert h.sum(flow=True).value == 0, region
     assert agc.region_yields(output, fileset) == {r: {"ttbar": (0, 0.0)} for r in ("4j1b", "4j2b")}
+    assert agc.plot_regions(output, tmp_path / "empty.png").stat().st_size > 0  # empty regions still plot

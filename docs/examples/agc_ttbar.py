@@ -9,7 +9,8 @@ observable = mass of the b-tagged three-jet system with the largest pT). Histogr
 down (+-3%), a jet-pT resolution smearing, four b-tag weight variations up and down, and for W+jets the
 renormalisation-scale weights up and down.
 
-Run it (data are synthetic, generated on first use and cached in ``--data-dir``)::
+Run it (data are synthetic, generated on first use and cached in ``--data-dir``; the 4j1b and 4j2b
+histograms, stacked by process, are saved to ``agc_ttbar.png`` in the current directory, or ``--plot PATH``)::
 
     python docs/examples/agc_ttbar.py                       # executor = MQExecutor() (the default)
     python docs/examples/agc_ttbar.py --executor futures    # coffea's FuturesExecutor(workers=2)
@@ -32,6 +33,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import cast
 
 import awkward as ak
 import hist
@@ -47,6 +49,19 @@ B_TAG_THRESHOLD = 0.5
 #: Jet-pT variations that change the event selection (kinematic systematics).
 JET_PT_VARIATIONS = {"pt_scale_up": 1.03, "pt_scale_down": 0.97, "pt_res_up": None}
 REGIONS = ("4j1b", "4j2b")
+#: Legend label and colour (CMS's recommended palette) of each process, stacked bottom to top in this order.
+PROCESS_STYLE = {
+    "wjets": ("W+jets", "#5790fc"),
+    "single_top_t_chan": ("single top, t-channel", "#f89c20"),
+    "ttbar": (r"$t\bar{t}$", "#e42536"),
+}
+#: Colours for processes not in PROCESS_STYLE (stacked below those, in name order).
+OTHER_COLOURS = ("#964a8b", "#9c9ca1", "#7a21dd")
+#: Per region: the observable's axis label and the selection, for the plot.
+REGION_LABELS = {
+    "4j1b": (r"$H_T$ [GeV]", r"1 lepton, $\geq 4$ jets, 1 b-tag"),
+    "4j2b": (r"$m_{bjj}$ [GeV]", r"1 lepton, $\geq 4$ jets, $\geq 2$ b-tags"),
+}
 
 
 def _jet_pt_resolution(counts: np.ndarray, seed: list[int]) -> ak.Array:
@@ -208,11 +223,11 @@ def build_fileset(
     >>> fileset["ttbar__nominal"]["metadata"]  # doctest: +SKIP
     {'process': 'ttbar', 'variation': 'nominal', 'nevts': 40000, 'xsec': 729.84}
     """
-    try:
-        from mqexec.synthetic import make_fileset
-    except ImportError:  # running from a source checkout without mqexec installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from mqexec.synthetic import make_fileset
+    tools = str(Path(__file__).resolve().parents[2] / "tools")  # the generator is repository tooling
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    from synthetic import make_fileset
+
     return make_fileset(directory, n_files=n_files, events_per_file=events_per_file, processes=processes, seed=seed)
 
 
@@ -269,7 +284,7 @@ def region_yields(output: dict, fileset: dict) -> dict:
 
     The count of selected events follows from the constant per-dataset weight ``xsec * lumi / nevts``.
     """
-    result = {}
+    result: dict[str, dict[str, tuple[int, float]]] = {}
     for region, h in output["hist_dict"].items():
         result[region] = {}
         for spec in fileset.values():
@@ -294,6 +309,93 @@ def summary(output: dict, fileset: dict, wall: float, executor_name: str) -> str
     return "\n".join(lines)
 
 
+def _nominal(h: hist.Hist, process: str) -> hist.Hist:
+    """The nominal histogram of ``process``; empty if the process never passed this region's selection."""
+    if process in h.axes["process"] and "nominal" in h.axes["variation"]:
+        return cast(hist.Hist, h[:, process, "nominal"])
+    return hist.Hist(h.axes["observable"], storage=hist.storage.Weight())
+
+
+def _plot_region(ax, h: hist.Hist, region: str, processes: list[str]) -> None:
+    """One panel: the nominal histograms of ``region`` stacked by process, with the MC statistical error."""
+    import mplhep as hep
+
+    edges = h.axes["observable"].edges
+    xlabel, selection = REGION_LABELS[region]
+    if processes:
+        others = iter(OTHER_COLOURS * len(processes))
+        styles = [PROCESS_STYLE.get(p) or (p, next(others)) for p in processes]
+        stack = [_nominal(h, p) for p in processes]
+        hep.histplot(
+            stack,
+            stack=True,
+            histtype="fill",
+            label=[label for label, _ in styles],
+            color=[colour for _, colour in styles],
+            edgecolor="black",
+            linewidth=0.8,
+            flow="none",
+            ax=ax,
+        )
+        total = sum(stack[1:], stack[0])
+        value, variances = total.values(), total.variances()
+        error = np.sqrt(value if variances is None else variances)  # None only for storages without variances
+        ax.stairs(
+            value + error,
+            edges,
+            baseline=value - error,
+            fill=True,
+            facecolor="none",
+            edgecolor="dimgrey",
+            hatch="////",
+            linewidth=0,
+            label="MC stat. unc.",
+        )
+        ax.set_ylim(0, 1.45 * max(float(np.max(value + error)), 1e-9))
+        ax.legend(title=selection, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, f"{selection}:\nno event selected", transform=ax.transAxes, ha="center")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"Events / {edges[1] - edges[0]:g} GeV")
+    hep.label.exp_label(exp="AGC", llabel="Synthetic NanoAOD", lumi=LUMI_PB / 1000, lumi_format="{0:.1f}", ax=ax)
+
+
+def plot_regions(output: dict, path) -> Path:
+    """Save the 4j1b (HT) and 4j2b (m_bjj) histograms side by side, stacked by process (the same processes
+    and colours in both), in the CMS style of mplhep, as the PNG ``path``; return its absolute path. Draws
+    with matplotlib's Agg canvas (no screen) and leaves the caller's matplotlib settings as they were.
+
+    >>> plot_regions(output, "agc_ttbar.png")  # doctest: +SKIP
+    PosixPath('/home/me/agc_ttbar.png')
+    """
+    import matplotlib
+    import mplhep as hep
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = {p for region in REGIONS for p in output["hist_dict"][region].axes["process"]}
+    processes = sorted(present - set(PROCESS_STYLE)) + [p for p in PROCESS_STYLE if p in present]
+    path = Path(path).resolve()
+    with matplotlib.rc_context():
+        hep.style.use("CMS")
+        fig = Figure(figsize=(20, 9), layout="constrained")
+        FigureCanvasAgg(fig)
+        for ax, region in zip(fig.subplots(1, 2), REGIONS, strict=True):
+            _plot_region(ax, output["hist_dict"][region], region, processes)
+        fig.savefig(path, dpi=100)
+    return path
+
+
+def save_plot(output: dict, path) -> str:
+    """:func:`plot_regions`, and the one line to print: where the plot is, or why there is none."""
+    try:
+        saved = plot_regions(output, path)
+    except ImportError as exc:  # matplotlib / mplhep come with mqexec[coffea]; a bare coffea may lack them
+        return f"no plot: {exc.name or exc} is not installed (pip install 'mqexec[plot]')"
+    return f"plot of the 4j1b and 4j2b histograms by process saved to {saved}"
+
+
 def main(argv=None) -> int:
     """Command line entry point; ``main(["--executor", "futures", "--files", "1", "--events", "20000"])``."""
     parser = argparse.ArgumentParser(description="AGC CMS ttbar analysis on synthetic NanoAOD")
@@ -308,12 +410,14 @@ def main(argv=None) -> int:
         default=os.path.join(tempfile.gettempdir(), "mqexec-agc-data"),
         help="where the synthetic files are written/reused",
     )
+    parser.add_argument("--plot", default="agc_ttbar.png", help="PNG of the histograms (default: %(default)s)")
     args = parser.parse_args(argv)
 
     fileset = build_fileset(args.data_dir, args.files, args.events, seed=args.seed)
     executor = EXECUTORS[args.executor](args.workers)
     output, _metrics, wall = run_analysis(fileset, executor, chunksize=args.chunksize)
     print(summary(output, fileset, wall, args.executor))
+    print(save_plot(output, args.plot))
     return 0
 
 

@@ -21,14 +21,16 @@ coffea is imported by this module, which ``mqexec`` loads only when ``mqexec.MQE
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import logging
 import os
 import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lz4.frame
 from coffea.processor.accumulator import accumulate
@@ -38,7 +40,12 @@ from coffea.util import rich_bar
 from ..client import Client
 from ..futures import as_completed
 
+if TYPE_CHECKING:
+    from ..cache import Cache
+
 __all__ = ["MQExecutor"]
+
+log = logging.getLogger("mqexec.coffea")
 
 _SKIP_MESSAGE = "Skipping bad file"  #: what coffea's ``Runner.automatic_retries`` warns when it skips
 
@@ -76,18 +83,47 @@ def _original(exc: BaseException) -> BaseException:
     return exc
 
 
+class _WriteFailed:
+    """A task's output whose cache record could not be written, with the one-line reason (cache)."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any, error: str) -> None:
+        self.value, self.error = value, error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_WriteFailed, (self.value, self.error))
+
+
 class _Task:
-    """Runner's function for one item, as an mqexec task: compresses the output, reports skipped items."""
+    """Runner's function for one item, as an mqexec task: compresses the output, reports skipped items.
 
-    __slots__ = ("compression", "function")
+    With a cache (``cache``, ``namespace``, and the item's ``key``): returns the record if another run wrote it
+    meanwhile, else stores the output in the cache as soon as it is computed. ``lake`` is where
+    :func:`mqexec.lake.open_output` writes from inside the processor."""
 
-    def __init__(self, function: Callable[[Any], Any], compression: int | None) -> None:
+    __slots__ = ("cache", "compression", "function", "lake", "namespace")
+
+    def __init__(
+        self,
+        function: Callable[[Any], Any],
+        compression: int | None,
+        cache: Cache | None = None,
+        namespace: str = "",
+        lake: str | None = None,
+    ) -> None:
         self.function = function
         self.compression = compression
+        self.cache, self.namespace, self.lake = cache, namespace, lake
 
-    def __call__(self, item: Any) -> Any:
+    def __call__(self, item: Any, key: str | None = None) -> Any:
+        # ---- cache: a record written meanwhile (another client, a redelivery) is the answer
+        if self.cache is not None and key:
+            record = self.cache.load(self.namespace, key)
+            if record is not None:
+                return record if self.compression is not None else _unpack(record, 1)
         error: BaseException | None = None
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, self._outputs(item, key):
             warnings.simplefilter("always")
             try:
                 out = self.function(item)
@@ -101,7 +137,20 @@ class _Task:
         if out is None:
             skipped = [str(w.message) for w in caught if _SKIP_MESSAGE in str(w.message)]
             return _Skipped(skipped[-1] if skipped else "the function returned None")
-        return _pack(out, self.compression)
+        packed = _pack(out, self.compression)
+        # ---- cache: store the output now, so that a client killed later loses nothing done
+        if self.cache is not None and key:
+            failed = self.cache.store(self.namespace, key, packed if self.compression is not None else _pack(out, 1))
+            if failed:
+                return _WriteFailed(packed, failed)
+        return packed
+
+    def _outputs(self, item: Any, key: str | None) -> contextlib.AbstractContextManager[None]:
+        if self.lake is None:
+            return contextlib.nullcontext()
+        from ..outputs import task_context
+
+        return task_context(self.lake, key or _label(item, None))
 
 
 def _merge(outputs: list[Any], compression: int | None) -> Any:
@@ -141,6 +190,17 @@ class _Session:
             owned, self._owned = self._owned, None
         if owned is not None:
             owned.close()
+
+
+def _open_cache(cache: str | list[str] | None) -> Cache | None:
+    from ..cache import Cache
+
+    return Cache(cache) if cache else None
+
+
+def _wrapped(acc: Any) -> bool:
+    """Runner's own wrapping of the output: ``{"out": ..., "processed": ..., "metrics": ...}``."""
+    return isinstance(acc, dict) and "out" in acc and "processed" in acc
 
 
 class _NoBar:
@@ -188,6 +248,11 @@ class MQExecutor(ExecutorBase):
             not yet run are cancelled.
         merging: 0 merges every output on the client as it arrives; ``n >= 2`` first sends batches of ``n``
             finished outputs to a worker to be merged there (see docs/benchmarks.md for which is faster).
+        cache: a data-lake URL (or a list: read from all, write to the first) where every chunk's output and
+            every file's preprocessing metadata are kept, keyed by the processor's code and state, the file,
+            the entry range and the versions; a rerun reads them instead of running (docs/lake.md).
+        save: a URL (``davs://.../agc.coffea``) where the merged output is written at the end (before
+            ``postprocess``), in ``coffea.util.save``'s format, atomically.
 
     Returns (from a call): ``(accumulator, 0)``, or ``(partial accumulator, exception)`` if ``recoverable``;
     also for empty input.
@@ -198,6 +263,8 @@ class MQExecutor(ExecutorBase):
     retries: int = 3
     recoverable: bool = False
     merging: int = 0
+    cache: str | list[str] | None = None
+    save: str | None = None
 
     def __post_init__(self) -> None:
         if self.client is not None and self.broker is not None:
@@ -205,6 +272,7 @@ class MQExecutor(ExecutorBase):
         if self.merging == 1 or self.merging < 0:
             raise ValueError(f"merging must be 0 (on the client) or a batch size >= 2, got {self.merging}")
         self._session = _Session(self.client, self.broker)
+        self._cache = _open_cache(self.cache)
 
     def copy(self, **kwargs: Any) -> MQExecutor:
         """A copy with some fields changed (Runner uses it per stage); it shares this executor's client."""
@@ -228,6 +296,7 @@ class MQExecutor(ExecutorBase):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, client=None)
         self._session = _Session(None, self.broker)
+        self._cache = _open_cache(self.cache)
 
     def __call__(
         self, items: Iterable[Any], function: Callable[[Any], Any], accumulator: Any
@@ -237,14 +306,62 @@ class MQExecutor(ExecutorBase):
             return accumulator, 0
         client = self._session.client()
         chunks = hasattr(items[0], "entrystart")
+        # ---- cache: the items done before are read, not run
+        task = _Task(function, self.compression, lake=client.config.lake_url)
+        keys: list[str | None] = [None] * len(items)
+        hits: dict[int, Any] = {}
+        note = ""
+        if self._cache is not None:
+            task, keys, hits, note = self._cached(task, function, items)
+            for value in hits.values():
+                accumulator = accumulate([value], accumulator)
+            items = [x for i, x in enumerate(items) if i not in hits]
+            keys = [k for i, k in enumerate(keys) if i not in hits]
         labels = [_label(item, self.function_name) for item in items]
-        futures = client.map(
-            _Task(function, self.compression), items, labels=labels, pure=False, batch_size=1 if chunks else None
-        )
-        return self._gather(client, futures, labels, accumulator)
+        write_errors: list[str] = []
+        try:
+            out: tuple[Any, int | BaseException] = (accumulator, 0)
+            if items:
+                futures = client.map(task, items, keys, labels=labels, pure=False, batch_size=1 if chunks else None)
+                out = self._gather(client, futures, labels, accumulator, write_errors)
+        finally:
+            self._report(note, len(hits), len(items), write_errors)
+        if self.save and chunks and out[1] == 0:
+            from ..outputs import save_output
+
+            acc = out[0]
+            log.info("saved the output to %s", save_output(self.save, acc["out"] if _wrapped(acc) else acc))
+        return out
+
+    # ---- cache and save: the part of a call that reads the cache, and the one report per run
+    def _cached(
+        self, task: _Task, function: Callable[[Any], Any], items: list[Any]
+    ) -> tuple[_Task, list[str | None], dict[int, Any], str]:
+        from .coffea_cache import stage
+
+        assert self._cache is not None
+        found = stage(self._cache, function, items)
+        if isinstance(found, str):
+            return task, [None] * len(items), {}, f"not cached: {found}"
+        self._cache.describe(found.namespace, found.about)
+        hits = found.load(found.lookup())
+        task = _Task(function, self.compression, self._cache, found.namespace, task.lake)
+        return task, found.keys, hits, f"{found.about} in {self._cache.write_url}/cache/{found.namespace}"
+
+    def _report(self, note: str, cached: int, ran: int, write_errors: list[str]) -> None:
+        if self._cache is None:
+            return
+        problems = self._cache.problems()
+        if write_errors:  # one line for all chunks: the count and the first failure, which names the lake
+            problems.append(f"{len(write_errors)} of {ran} records not stored; the first: {write_errors[0]}")
+        if problems:  # one warning per run, whatever the number of chunks
+            warnings.warn(
+                f"MQExecutor: {'; '.join(problems)} (the results are right; the cache is behind)", stacklevel=3
+            )
+        log.info("mqexec cache: %d of %d %ss from the cache (%s)", cached, cached + ran, self.unit or "item", note)
 
     def _gather(
-        self, client: Client, futures: list[Any], labels: list[str], accumulator: Any
+        self, client: Client, futures: list[Any], labels: list[str], accumulator: Any, write_errors: list[str]
     ) -> tuple[Any, int | BaseException]:
         labelled = {f.key: label for f, label in zip(futures, labels, strict=True)}
         outstanding = len(futures)  # item tasks not yet consumed
@@ -267,6 +384,9 @@ class MQExecutor(ExecutorBase):
                     if not label.startswith("merge of "):
                         outstanding -= 1
                         progress.update(bar, advance=1, refresh=True)
+                    if isinstance(value, _WriteFailed):  # cache: computed, but not stored
+                        write_errors.append(value.error)
+                        value = value.value
                     if isinstance(value, _Skipped):
                         warnings.warn(f"MQExecutor skipped {label}: {value.reason}", stacklevel=2)
                         continue

@@ -1,4 +1,5 @@
-"""Dask on mqexec: a scheduler ``get`` with graph fusion, ``compute``, and the default-scheduler switch.
+"""Dask on mqexec: a scheduler ``get`` with graph fusion, ``compute``/``persist``/``futures_of``, and the
+default-scheduler switch.
 
 One broker round trip per dask task would drown a dask-awkward graph (thousands of tiny tasks), and every
 intermediate array would travel worker → broker → client → broker → worker. So the graph is cut into
@@ -22,7 +23,8 @@ How the cut is made, in topological order:
   new chain that takes those chains' futures as arguments; the client hands their values in when they are
   done;
 * plain data (``DataNode``, legacy literals) is copied into every chain that reads it; data over 64 KiB is
-  scattered once instead (``Client.scatter``), as are mqexec futures found in the graph.
+  scattered once instead (``Client.scatter``); mqexec futures in the graph (a persisted collection's) are
+  handed to the chains that read them as they are.
 
 So N partitions cost O(N) messages: one per partition chain plus one per reduction node (dask's tree
 reductions combine ``split_every`` inputs each). :data:`STATS` counts the tasks this module submitted.
@@ -36,16 +38,25 @@ Use it like the ``distributed`` scheduler::
     ...     fut = client.compute(x)                                   # a Future of the final value
     (np.float64(1000.0),)
 
-A graph with a missing dependency or a cycle is refused with a :class:`ValueError` naming the key before
-anything is sent.
+Beyond ``get``, the ``distributed.Client`` methods that take collections: :func:`compute` (futures of final
+values; containers of collections are computed as one delayed value), :func:`persist` (the same collections,
+their graphs now holding the futures of their partitions) and :func:`futures_of` (the futures inside any of
+those, for ``wait``). Two dask settings are honoured as ``distributed`` honours them: ``dask.annotate(retries=n)``
+(a chain gets the largest ``retries`` of its tasks), and the dataframe shuffle — grid workers share no disk, so
+graphs are built with ``dataframe.shuffle.method="tasks"`` unless the user chose one, and a graph that shuffles
+through a local disk (``"disk"``, partd) or through distributed's workers (``"p2p"``) is refused.
+
+A graph with a missing dependency, a cycle or such a shuffle is refused with a :class:`ValueError` naming the
+key before anything is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, ValuesView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,13 +75,30 @@ _SCATTER_ABOVE = 64 * 1024  #: constants in the graph bigger than this are scatt
 @contextlib.contextmanager
 def default_scheduler(client: Client) -> Iterator[None]:
     """Make ``client.get`` dask's default scheduler inside the block; the previous one comes back after.
+    Dataframe shuffles built inside are task-based (unless the user chose a method).
 
     >>> with default_scheduler(client):          # doctest: +SKIP
     ...     dask.compute(x)                       # runs on client's workers
     """
     import dask
 
-    with dask.config.set(scheduler=client.get):
+    with dask.config.set(scheduler=client.get), _task_shuffle():
+        yield
+
+
+@contextlib.contextmanager
+def _task_shuffle() -> Iterator[None]:
+    """Dataframe shuffles built inside take the task-based method, unless the user configured one.
+
+    dask picks ``"disk"`` (partd files in a local folder every worker must see) when no ``distributed`` client
+    exists; grid workers share no disk.
+    """
+    import dask
+
+    if dask.config.get("dataframe.shuffle.method", None) is not None:
+        yield
+        return
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
         yield
 
 
@@ -109,18 +137,55 @@ class Plan:
     chains: list[Chain]
     chain_of: dict[Any, int]  #: task key → index of its chain (constants and shared values have none)
     shared: set[Any]  #: keys of values passed as futures (big constants, futures found in the graph)
+    retries: dict[Any, int] = field(default_factory=dict)  #: ``dask.annotate(retries=)`` of the keys that have one
 
 
-def _as_graph(dsk: Any) -> dict[Any, Any]:
-    """Any dask graph (a mapping, a HighLevelGraph, an expression) as ``{key: GraphNode}``."""
+def _materialize(dsk: Any) -> tuple[dict[Any, Any], dict[str, dict[Any, Any]]]:
+    """Any dask graph (a mapping, a HighLevelGraph, an expression, a collection) as ``{key: GraphNode}``, each
+    node under its graph key, and its ``dask.annotate`` values as ``{"retries": {key: value}, ...}``."""
     from dask._task_spec import convert_legacy_graph
     from dask.utils import ensure_dict
 
+    annotations: dict[str, dict[Any, Any]] = {}
     if not isinstance(dsk, Mapping):
         if not hasattr(dsk, "__dask_graph__"):
             raise TypeError(f"not a dask graph: {type(dsk).__name__}")
+        if hasattr(dsk, "__dask_annotations__"):  # an expression (dask >= 2025.4) knows its own
+            annotations = {name: dict(values) for name, values in dsk.__dask_annotations__().items()}
         dsk = dsk.__dask_graph__()
-    return convert_legacy_graph(ensure_dict(dsk))
+    for layer in getattr(dsk, "layers", {}).values():  # a HighLevelGraph keeps them per layer
+        for name, value in (getattr(layer, "annotations", None) or {}).items():
+            annotations.setdefault(name, {}).update({k: value(k) if callable(value) else value for k in layer})
+    graph = {k: _keyed(k, node) for k, node in convert_legacy_graph(ensure_dict(dsk)).items()}
+    return graph, annotations
+
+
+def _keyed(key: Any, node: Any) -> Any:
+    """``node`` under its graph key: dask builds aliases whose own key is their target's (``df.loc[a:b]``)."""
+    from dask._task_spec import Alias
+
+    if node.key == key:
+        return node
+    if isinstance(node, Alias):
+        return Alias(key, node.target)
+    return node.substitute({}, key=key)
+
+
+def _refuse_local_shuffles(graph: dict[Any, Any]) -> None:
+    """A shuffle that needs one shared disk or distributed's own workers raises ValueError naming its task."""
+    for k, node in graph.items():
+        func = getattr(node, "func", None)
+        if type(func).__name__ == "maybe_buffered_partd":
+            raise ValueError(
+                f"dask task {k!r} starts an on-disk shuffle (dataframe.shuffle.method 'disk', partd files), which "
+                "needs one disk shared by all workers; build the graph inside `with client:` or under "
+                "dask.config.set({'dataframe.shuffle.method': 'tasks'})"
+            )
+        if (getattr(func, "__module__", None) or "").startswith("distributed.shuffle"):
+            raise ValueError(
+                f"dask task {k!r} is part of a peer-to-peer shuffle (dataframe.shuffle.method 'p2p'), which runs "
+                "only on distributed's workers; use dask.config.set({'dataframe.shuffle.method': 'tasks'})"
+            )
 
 
 def _flat_keys(keys: Any) -> list[Any]:
@@ -210,15 +275,18 @@ def plan(dsk: Any, keys: Any, max_fanin: int = 64) -> Plan:
     (17, 57)
 
     Raises:
-        ValueError: a requested key or a dependency is not in the graph, or the graph has a cycle.
+        ValueError: a requested key or a dependency is not in the graph, the graph has a cycle, or it shuffles
+            through a local disk or distributed's workers.
     """
     from dask.sizeof import sizeof
 
     from ..futures import Future
 
     wanted = _flat_keys(keys)
-    graph = _cull(_as_graph(dsk), wanted)
+    full, annotations = _materialize(dsk)
+    graph = _cull(full, wanted)
     order = _toposort(graph)
+    _refuse_local_shuffles(graph)
     dependents: dict[Any, list[Any]] = {k: [] for k in graph}
     for k, node in graph.items():
         for dep in node.dependencies:
@@ -267,7 +335,8 @@ def plan(dsk: Any, keys: Any, max_fanin: int = 64) -> Plan:
     for k in wanted:
         if k in chain_of:
             chains[chain_of[k]].exports.add(k)
-    return Plan(graph, chains, chain_of, shared)
+    retries = {k: int(n) for k, n in annotations.get("retries", {}).items() if k in graph and n is not None}
+    return Plan(graph, chains, chain_of, shared, retries)
 
 
 def _swallow(
@@ -359,26 +428,31 @@ def _schedule(
     dsk: Any,
     keys: Any,
     *,
-    retries: int = 0,
+    retries: int | None = None,
     priority: int = 0,
     resources: dict[str, float] | None = None,
-    own_future: set[Any] = frozenset(),
+    own_future: set[Any] | frozenset[Any] = frozenset(),
 ) -> tuple[Plan, dict[Any, Future], dict[Any, Any]]:
     """Submit a graph's chains; returns the plan, a future per chain-exported key, and constant values.
 
     Keys in ``own_future`` get a future of their value itself (the chain is unwrapped when the key is its
     only export, else a small picking task is added); other keys map to their chain's future (a dict).
+    A chain is retried as often as the most of its tasks' ``dask.annotate(retries=)`` allow; tasks without
+    one get ``retries``, or else that of a ``dask.annotate`` around this call (as in ``distributed``).
     """
+    import dask
+
     from ..futures import Future
 
     p = plan(dsk, keys)
+    around = retries or dask.get_annotations().get("retries") or 0  # a number, or a function of the key
     wanted = _flat_keys(keys)
     token = uuid.uuid4().hex[:8]
     graph = p.graph
     values: dict[Any, Any] = {}
     for k in p.shared:
         value = graph[k].value
-        values[k] = value if isinstance(value, Future) else client.scatter(value, hash=True)
+        values[k] = value if isinstance(value, Future) else _scatter(client, value, hash=True)
         STATS["scattered"] += not isinstance(value, Future)
     consumers: Counter[int] = Counter(u for c in p.chains for u in c.upstream)
     futures: list[Future] = []
@@ -396,9 +470,9 @@ def _schedule(
             [futures[u] for u in sorted(chain.upstream)],
             {k: values[k] for k in needs},
             unwrap,
-            key=f"dask-{token}-{i}",
+            key=_future_key(exports[0], f"dask-{token}-{i}") if unwrap else f"dask-{token}-{i}",
             pure=False,
-            retries=retries,
+            retries=max(p.retries.get(k, around(k) if callable(around) else around) for k in chain.keys),
             priority=priority,
             resources=resources,
             label=label[:80],
@@ -417,11 +491,63 @@ def _schedule(
         if k not in own_future or (p.chains[index].exports == {k} and not consumers[index]):
             out[k] = chain_future
         else:
-            out[k] = client.submit(
-                _pick, chain_future, k, key=f"dask-{token}-pick-{len(out)}", pure=False, label=f"pick {k!r}"[:80]
-            )
+            pick_key = _future_key(k, f"dask-{token}-pick-{len(out)}")
+            out[k] = client.submit(_pick, chain_future, k, key=pick_key, pure=False, label=f"pick {k!r}"[:80])
             STATS["tasks"] += 1
     return p, out, constants
+
+
+def _future_key(dask_key: Any, fallback: str) -> str:
+    """The key of the future of one dask key's value: the dask key itself, as in distributed (the same key
+    gives the same future while one is held) — for string keys; a tuple key gets ``fallback`` until
+    :meth:`Client.submit` takes tuple keys (issue 11)."""
+    return dask_key if isinstance(dask_key, str) else fallback
+
+
+def _futures_for(client: Client, dsk: Any, keys: Any, **options: Any) -> dict[Any, Future]:
+    """Submit a graph; a future of each wanted key's own value (a future found in the graph stands for itself)."""
+    from ..futures import Future
+
+    _, futures, constants = _schedule(client, dsk, keys, own_future=set(_flat_keys(keys)), **options)
+    for k, v in constants.items():
+        futures[k] = v if isinstance(v, Future) else _scatter(client, v, hash=False)
+    return futures
+
+
+def _scatter(client: Client, value: Any, hash: bool) -> Future:
+    """One future of ``value`` (``Client.scatter`` scatters a list's or a dict's items one by one)."""
+    return client.scatter([value], hash=hash)[0]
+
+
+def _graph_of(collections: list[Any], optimize_graph: bool, finalize: bool) -> tuple[Any, list[Any]]:
+    """One graph for dask collections, and per collection the key of its final value (``finalize``) or the
+    keys of its partitions. The graph keeps the collections' ``dask.annotate`` values."""
+    try:  # dask >= 2025.4: expressions, with the finalize step in the graph
+        from dask._expr import FinalizeCompute  # type: ignore[attr-defined]
+        from dask.base import collections_to_expr  # type: ignore[attr-defined]
+    except ImportError:  # older dask: a graph plus each collection's __dask_postcompute__
+        from dask._task_spec import Task, TaskRef
+        from dask.base import collections_to_dsk
+        from dask.delayed import single_key
+        from dask.highlevelgraph import HighLevelGraph
+
+        graph = collections_to_dsk(collections, optimize_graph)
+        keys = [c.__dask_keys__() for c in collections]
+        if not finalize:
+            return graph, keys
+        finals: dict[Any, Any] = {}
+        for i, (c, ks) in enumerate(zip(collections, keys, strict=True)):
+            func, extra = c.__dask_postcompute__()
+            if func is single_key and len(ks) == 1 and not extra:  # a delayed value: its own key, as distributed
+                keys[i] = ks[0]
+                continue
+            keys[i] = f"finalize-{uuid.uuid4().hex}"
+            finals[keys[i]] = Task(keys[i], _finalize, func, tuple(extra), ks, *[TaskRef(k) for k in _flat_keys(ks)])
+        return HighLevelGraph.merge(graph, finals), keys
+    expr = collections_to_expr(collections, optimize_graph)
+    expr = (FinalizeCompute(expr) if finalize else expr).optimize()
+    keys = expr.__dask_keys__()
+    return (expr, _flat_keys(keys)) if finalize else (expr, list(keys))
 
 
 def collection_graph(collection: Any, optimize_graph: bool = True) -> tuple[Any, Any]:
@@ -431,22 +557,9 @@ def collection_graph(collection: Any, optimize_graph: bool = True) -> tuple[Any,
     >>> get(client, graph, key)                                          # doctest: +SKIP
     np.float64(10.0)
     """
-    try:  # dask >= 2025.4: expressions, with the finalize step in the graph
-        from dask._expr import FinalizeCompute
-        from dask.base import collections_to_expr
-    except ImportError:  # older dask: a graph plus the collection's __dask_postcompute__
-        from dask._task_spec import Task, TaskRef
-        from dask.base import collections_to_dsk
-
-        graph = dict(collections_to_dsk([collection], optimize_graph))
-        keys = collection.__dask_keys__()
-        func, extra = collection.__dask_postcompute__()
-        final = f"finalize-{uuid.uuid4().hex}"
-        graph[final] = Task(final, _finalize, func, tuple(extra), keys, *[TaskRef(k) for k in _flat_keys(keys)])
-        return graph, final
-    expr = FinalizeCompute(collections_to_expr([collection], optimize_graph)).optimize()
-    (key,) = _flat_keys(expr.__dask_keys__())
-    return expr, key
+    with _task_shuffle():
+        graph, (key,) = _graph_of([collection], optimize_graph, finalize=True)
+    return graph, key
 
 
 def _finalize(func: Any, extra: tuple[Any, ...], keys: Any, *values: Any) -> Any:
@@ -476,26 +589,17 @@ def get(
 
     Args:
         sync: False returns futures (in the structure of ``keys``) instead of values.
-        retries: extra attempts of a chain whose task raises.
+        retries: extra attempts of a chain whose task raises (``dask.annotate(retries=)`` also counts).
         priority, resources: passed to :meth:`Client.submit`; other keywords (dask passes some) are ignored.
 
     Raises:
-        ValueError: a key or dependency is missing, or the graph has a cycle — before anything is sent.
+        ValueError: a key or dependency is missing, the graph has a cycle or a shuffle mqexec workers cannot
+            run (see :func:`plan`) — before anything is sent.
     """
+    options: dict[str, Any] = {"retries": retries, "priority": priority, "resources": resources}
     if not sync:
-        _, futures, constants = _schedule(
-            client,
-            dsk,
-            keys,
-            retries=retries or 0,
-            priority=priority,
-            resources=resources,
-            own_future=set(_flat_keys(keys)),
-        )
-        for k, v in constants.items():
-            futures[k] = client.scatter(_value(v), hash=False)
-        return _repack(keys, futures)
-    _, futures, constants = _schedule(client, dsk, keys, retries=retries or 0, priority=priority, resources=resources)
+        return _repack(keys, _futures_for(client, dsk, keys, **options))
+    _, futures, constants = _schedule(client, dsk, keys, **options)
     values = {k: _value(v) for k, v in constants.items()}
     for k, fut in futures.items():
         result = fut.result()
@@ -509,6 +613,7 @@ def compute(
     sync: bool = False,
     *,
     optimize_graph: bool = True,
+    traverse: bool = True,
     retries: int | None = None,
     priority: int = 0,
     resources: dict[str, float] | None = None,
@@ -516,29 +621,118 @@ def compute(
 ) -> Any:
     """Submit dask collections; a Future per collection (of its final value), or the values if ``sync``.
 
-    Like ``distributed.Client.compute``: a list or tuple of collections gives a list of futures; anything
-    that is not a dask collection is returned as it is.
+    As ``distributed.Client.compute``: a list, tuple or set gives a list with a future per collection in it;
+    with ``traverse`` a container (list, tuple, set, dict, iterator) is computed as one ``dask.delayed`` value,
+    dask collections inside it included; anything else is returned as it is. All collections go out as one
+    graph, so what they share is computed once.
 
     >>> fut = compute(client, da.ones(100, chunks=10).sum())   # doctest: +SKIP
     >>> fut.result()                                           # doctest: +SKIP
     np.float64(100.0)
+    >>> compute(client, {"x": [x], "n": 1}, sync=True)         # doctest: +SKIP
+    {'x': [array([...])], 'n': 1}
     """
-    from dask.base import is_dask_collection
+    import dask
 
     from ..futures import Future
 
-    single = not isinstance(collections, list | tuple)
+    single = not isinstance(collections, list | tuple | set | frozenset)
     items = [collections] if single else list(collections)
-    out: list[Any] = []
-    for c in items:
-        if not is_dask_collection(c):
-            out.append(c)
-            continue
-        graph, key = collection_graph(c, optimize_graph)
-        _, futures, constants = _schedule(
-            client, graph, [key], own_future={key}, retries=retries or 0, priority=priority, resources=resources
-        )
-        out.append(futures[key] if key in futures else client.scatter(_value(constants[key]), hash=False))
+    if traverse:
+        items = [dask.delayed(a) if isinstance(a, list | set | tuple | dict | Iterator) else a for a in items]
+    variables = [a for a in items if dask.is_dask_collection(a)]
+    finals: Iterator[Future] = iter(())
+    if variables:
+        with _task_shuffle():
+            graph, keys = _graph_of(variables, optimize_graph, finalize=True)
+        futures = _futures_for(client, graph, keys, retries=retries, priority=priority, resources=resources)
+        finals = iter([futures[k] for k in keys])
+    out = [next(finals) if dask.is_dask_collection(a) else a for a in items]
     if sync:
         out = [f.result() if isinstance(f, Future) else f for f in out]
     return out[0] if single else out
+
+
+def persist(
+    client: Client,
+    collections: Any,
+    *,
+    optimize_graph: bool = True,
+    retries: int | None = None,
+    priority: int = 0,
+    resources: dict[str, float] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Start computing dask collections; the same collections back, their graphs holding the futures of their
+    partitions (``Client.persist`` of ``distributed``). A list, tuple or set gives a list.
+
+    Computing a persisted collection (or one built on it) reuses those results instead of recomputing them;
+    ``wait(futures_of(xp))`` waits until they are all there.
+
+    >>> xp = persist(client, da.arange(10**6, chunks=10**5) ** 2)      # doctest: +SKIP
+    >>> (xp.sum() + xp.max()).compute()                                # doctest: +SKIP
+
+    Raises:
+        TypeError: something that is not a dask collection was given.
+    """
+    import dask
+
+    single = not isinstance(collections, list | tuple | set | frozenset)
+    items = [collections] if single else list(collections)
+    for c in items:
+        if not dask.is_dask_collection(c):
+            raise TypeError(f"persist takes dask collections (arrays, dataframes, delayed ...), not {type(c).__name__}")
+    with _task_shuffle():  # __dask_postpersist__ lowers a dataframe again: the same shuffle method as the graph
+        graph, keys = _graph_of(items, optimize_graph, finalize=False)
+        rebuild = [c.__dask_postpersist__() for c in items]
+    futures = _futures_for(client, graph, keys, retries=retries, priority=priority, resources=resources)
+    out = [
+        func({k: futures[k] for k in _flat_keys(ks)}, *extra) for (func, extra), ks in zip(rebuild, keys, strict=True)
+    ]
+    return out[0] if single else out
+
+
+def futures_of(obj: Any) -> list[Future]:
+    """The mqexec futures inside ``obj``, each key once, in the order found (``distributed.futures_of``).
+
+    ``obj`` may be a future, lists/tuples/sets/dicts (or iterators, ``dict.values()``) of anything, or a dask
+    collection: a persisted one holds the futures of its partitions, ``delayed(f)(fut)`` holds ``fut``. It is
+    what ``wait`` waits on. An iterator is consumed.
+
+    >>> futures_of([fut, {"a": (fut2, 3)}])          # doctest: +SKIP
+    [<Future ...>, <Future ...>]
+    >>> wait(futures_of(persist(client, x)))          # doctest: +SKIP
+    """
+    from ..futures import Future
+
+    dask_imported = "dask" in sys.modules  # otherwise nothing here can be a dask collection or graph node
+    found: dict[str, Future] = {}
+    seen: dict[int, Any] = {}  # id → object: each container walked once (holding it keeps its id unique)
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Future):
+            found.setdefault(x.key, x)
+            continue
+        if id(x) in seen:
+            continue
+        seen[id(x)] = x
+        if isinstance(x, list | tuple | set | frozenset | Iterator | ValuesView):
+            stack.extend(reversed(list(x)))
+        elif isinstance(x, dict):
+            stack.extend(reversed(list(x.values())))
+        elif dask_imported:
+            stack.extend(reversed(_dask_parts(x)))
+    return list(found.values())
+
+
+def _dask_parts(x: Any) -> list[Any]:
+    """What a dask collection or graph node holds: its graph's nodes, a task's arguments, a data node's value."""
+    import dask
+    from dask._task_spec import GraphNode
+
+    if dask.is_dask_collection(x):
+        return list(x.__dask_graph__().values())
+    if isinstance(x, GraphNode):
+        return [*getattr(x, "args", ()), *getattr(x, "kwargs", {}).values(), getattr(x, "value", None)]
+    return []

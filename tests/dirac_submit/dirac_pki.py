@@ -1,8 +1,9 @@
 """A throw-away grid PKI for tests: CA → user certificate → RFC 3820 proxy, plus a server certificate.
 
 pki = make_pki(tmp_path)
-pki.proxy          # PEM: proxy cert, its key, user cert — what dirac-proxy-init writes
+pki.proxy          # PEM: proxy cert (with DIRAC group dirac_user), its key, user cert — as dirac-proxy-init writes
 pki.ca_dir         # hashed CA directory, like /etc/grid-security/certificates
+issue_proxy(user, user_key, style="gsi-draft")   # other kinds of proxies (GSI draft, legacy Globus CN=proxy)
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-# ProxyCertInfo (RFC 3820, OID 1.3.6.1.5.5.7.1.14) with policy language id-ppl-inheritAll
-# (1.3.6.1.5.5.7.21.1): SEQUENCE { SEQUENCE { OID } } in DER.
-_PROXY_CERT_INFO = x509.UnrecognizedExtension(
-    x509.ObjectIdentifier("1.3.6.1.5.5.7.1.14"),
-    bytes.fromhex("300c300a06082b06010505071501"),
-)
+# ProxyCertInfo with policy language id-ppl-inheritAll (1.3.6.1.5.5.7.21.1): SEQUENCE { SEQUENCE { OID } } in DER,
+# under the RFC 3820 OID or the GSI draft's (pre-RFC Globus proxies).
+_INHERIT_ALL = bytes.fromhex("300c300a06082b06010505071501")
+PROXY_STYLES = {"rfc3820": "1.3.6.1.5.5.7.1.14", "gsi-draft": "1.3.6.1.4.1.3536.1.222"}
+DIRAC_GROUP_OID = "1.2.42.42"  # what dirac-proxy-init -g <group> adds, as an IA5String
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class PKI:
     proxy: Path
     expired_proxy: Path
     stranger_proxy: Path
+    user_cert: Path  # alice's certificate and key, to make other proxies of her
+    user_key: Path
 
 
 def _now() -> dt.datetime:
@@ -86,26 +88,55 @@ def _user_and_proxies(tmp: Path, ca, ca_key, cn: str, *, expired: bool = False) 
         end=now + dt.timedelta(days=30),
         extensions=[(x509.BasicConstraints(ca=False, path_length=None), True), (user_usage, True)],
     )
-    proxy_key = ec.generate_private_key(ec.SECP256R1())
-    serial = str(x509.random_serial_number() % 10**9)
     start, end = (
         (now - dt.timedelta(days=2), now - dt.timedelta(hours=1))
         if expired
         else (now - dt.timedelta(minutes=5), now + dt.timedelta(hours=12))
     )
-    proxy = _cert(
-        _name(cn, serial),
-        user.subject,
-        proxy_key,
-        user_key,
-        start=start,
-        end=end,
-        extensions=[(_PROXY_CERT_INFO, True), (user_usage, True)],
-    )
+    proxy, proxy_key = issue_proxy(user, user_key, start=start, end=end, group="dirac_user")
     path = tmp / f"x509up_{cn}{'_expired' if expired else ''}"
     path.write_bytes(_pem(proxy) + _key_pem(proxy_key) + _pem(user))
     path.chmod(0o600)
+    (tmp / f"usercert_{cn}.pem").write_bytes(_pem(user))
+    (tmp / f"userkey_{cn}.pem").write_bytes(_key_pem(user_key))
     return f"/O=mqexec-test/CN={cn}", path
+
+
+def issue_proxy(
+    user: x509.Certificate,
+    user_key,
+    *,
+    style: str = "rfc3820",
+    group: str | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A proxy of ``user``: ``style`` rfc3820 / gsi-draft (ProxyCertInfo under that OID, a numeric CN), or legacy /
+    limited-legacy (Globus' CN=proxy / CN=limited proxy, no extension); ``group`` as DIRAC's group extension."""
+    now = _now()
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = x509.KeyUsage(True, False, True, False, False, False, False, False, False)
+    extensions: list[tuple[x509.ExtensionType, bool]] = [(usage, True)]
+    if style in PROXY_STYLES:
+        info = x509.UnrecognizedExtension(x509.ObjectIdentifier(PROXY_STYLES[style]), _INHERIT_ALL)
+        extensions.append((info, True))
+        cn = str(x509.random_serial_number() % 10**9)
+    else:
+        cn = {"legacy": "proxy", "limited-legacy": "limited proxy"}[style]
+    if group is not None:
+        der = bytes([0x16, len(group)]) + group.encode()
+        extensions.append((x509.UnrecognizedExtension(x509.ObjectIdentifier(DIRAC_GROUP_OID), der), False))
+    subject = x509.Name([*user.subject, x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    proxy = _cert(
+        subject,
+        user.subject,
+        key,
+        user_key,
+        start=start or now - dt.timedelta(minutes=5),
+        end=end or now + dt.timedelta(hours=12),
+        extensions=extensions,
+    )
+    return proxy, key
 
 
 def make_pki(tmp: Path) -> PKI:
@@ -156,4 +187,15 @@ def make_pki(tmp: Path) -> PKI:
     user_dn, proxy = _user_and_proxies(tmp, ca, ca_key, "alice")
     _, expired = _user_and_proxies(tmp, ca, ca_key, "alice", expired=True)
     _, stranger = _user_and_proxies(tmp, ca, ca_key, "mallory")
-    return PKI(ca_file, ca_dir, tmp / "hostcert.pem", tmp / "hostkey.pem", user_dn, proxy, expired, stranger)
+    return PKI(
+        ca_file,
+        ca_dir,
+        tmp / "hostcert.pem",
+        tmp / "hostkey.pem",
+        user_dn,
+        proxy,
+        expired,
+        stranger,
+        tmp / "usercert_alice.pem",
+        tmp / "userkey_alice.pem",
+    )

@@ -22,7 +22,7 @@ import requests
 from dirac_pki import PKI
 from tornado_contract_server import TornadoContractServer
 
-from dirac_submit import JobPool, JobTemplate, RabbitMQUserIssuer, TornadoTransport
+from dirac_submit import AuthError, JobPool, JobTemplate, RabbitMQUserIssuer
 
 kombu = pytest.importorskip("kombu", reason="kombu (an mqexec core dependency) is needed to log in over AMQP")
 from amqp.exceptions import AccessRefused  # noqa: E402  (amqp comes with kombu)
@@ -115,12 +115,25 @@ def test_issued_user_has_least_privilege_and_dies_on_revoke(management: tuple[st
     issuer.revoke()  # idempotent
 
 
+def test_wrong_admin_password_is_worded_as_what_it_is(management: tuple[str, str]) -> None:
+    """Not a DIRAC proxy problem: the RabbitMQ management API refused the admin login (and no password shows)."""
+    url, amqp = management
+    issuer = RabbitMQUserIssuer(url, admin=("guest", "not-the-password"), amqp_url=amqp, env_name="BROKER")
+    with pytest.raises(AuthError) as info:
+        issuer.issue()
+    message = str(info.value)
+    assert message.startswith(f"the RabbitMQ management API at {url} refused the admin user 'guest' (PUT /api/users/")
+    assert message.endswith("wrong user name or password, or the user lacks the 'administrator' tag")
+    assert "proxy" not in message and "DIRAC" not in message and "not-the-password" not in message
+    assert issuer.user is None and not any(name.startswith("dirac-submit-") for name in _users(url))
+
+
 def test_pool_puts_only_the_issued_credential_in_the_jdl_and_revokes_it_on_close(
-    management: tuple[str, str], pki: PKI, contract_server: TornadoContractServer
+    management: tuple[str, str], pki: PKI, contract_server: TornadoContractServer, connect
 ) -> None:
     url, amqp = management
     issuer = RabbitMQUserIssuer(url, admin=("guest", "guest"), amqp_url=amqp, env_name="BROKER")
-    transport = TornadoTransport(contract_server.url, proxy=str(pki.proxy), ca_dir=str(pki.ca_dir))
+    transport = connect()
     template = JobTemplate(["python3", "-c", "print(__import__('os').environ.get('BROKER'))"])
     pool = JobPool(transport, template, secrets=issuer)
     [job_id] = pool.submit(1)

@@ -1,0 +1,260 @@
+"""MQExecutor(cache=...) and (save=...) with real workers and a real XRootD / WebDAV lake.
+
+Executions are counted on the workers: the processor appends one line per chunk it processes to a file,
+and the workers' logs name every preprocessing task they ran — never by counting cache lookups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pytest
+from lake_servers import LakeServer, free_port, webdav_server, xrootd_server
+
+from mqexec.lake import Lake
+
+coffea_processor = pytest.importorskip("coffea.processor")
+from coffea.nanoevents import NanoAODSchema  # noqa: E402
+
+__all__ = ["webdav_server", "xrootd_server"]  # fixtures used by name below
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNKSIZE = 5_000
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+
+
+def _load_agc() -> Any:
+    spec = importlib.util.spec_from_file_location("agc_ttbar", ROOT / "docs" / "examples" / "agc_ttbar.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["agc_ttbar"] = module
+    spec.loader.exec_module(module)
+    module._ship_processor_by_value()
+    return module
+
+
+agc = _load_agc()
+
+
+class CountingTtbar(agc.TtbarAnalysis):
+    """The AGC processor; appends ``<file> <entrystart>`` to ``log`` for every chunk it processes."""
+
+    def __init__(self, log: str, variant: str = "") -> None:
+        super().__init__()
+        self.log = log
+        self.variant = variant
+
+    def process(self, events: Any) -> Any:
+        out = super().process(events)
+        meta = events.metadata
+        with open(self.log, "a") as f:
+            f.write(f"{os.path.basename(meta['filename'])} {meta['entrystart']}\n")
+        return out
+
+
+class SkimmingTtbar(CountingTtbar):
+    """Also writes each chunk's number of events to the lake with ``open_output``."""
+
+    def process(self, events: Any) -> Any:
+        import mqexec.lake
+
+        out = super().process(events)
+        with mqexec.lake.open_output("skims/chunk_{n}.txt", "wb") as f:
+            f.write(f"{events.metadata['entrystart']} {len(events)}".encode())
+        out["skims"] = {f.url: len(events)}
+        return out
+
+
+# -------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def fileset(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """3 processes x 2 files x 10,000 events: 12 chunks of 5,000."""
+    return agc.build_fileset(tmp_path_factory.mktemp("agc"), n_files=2, events_per_file=10_000)
+
+
+@pytest.fixture(scope="module")
+def reference(fileset: dict) -> dict:
+    return _run(fileset, coffea_processor.IterativeExecutor(status=False), agc.TtbarAnalysis())
+
+
+def _run(fileset: dict, executor: Any, processor: Any) -> dict:
+    runner = coffea_processor.Runner(executor=executor, schema=NanoAODSchema, chunksize=CHUNKSIZE, metadata_cache={})
+    previous = NanoAODSchema.warn_missing_crossrefs
+    try:
+        return runner(fileset, processor_instance=processor, treename="Events")
+    finally:
+        NanoAODSchema.warn_missing_crossrefs = previous
+
+
+def _executions(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _metadata_tasks(workers: list[Any]) -> int:
+    """Preprocessing calls the workers ran, from their ``ran <label> [+N more]`` log lines."""
+    n = 0
+    for w in workers:
+        for m in re.finditer(r"ran \S+ \(get_metadata\)(?: \+(\d+) more)?", w.text()):
+            n += 1 + int(m.group(1) or 0)
+    return n
+
+
+def assert_identical(out: dict, ref: dict) -> None:
+    assert out["nevents"] == ref["nevents"]
+    assert set(out["hist_dict"]) == set(ref["hist_dict"])
+    for region, h in out["hist_dict"].items():
+        r = ref["hist_dict"][region]
+        assert set(h.axes["process"]) == set(r.axes["process"])
+        assert set(h.axes["variation"]) == set(r.axes["variation"])
+        for p in r.axes["process"]:
+            for v in r.axes["variation"]:
+                a, b = h[:, p, v].view(flow=True), r[:, p, v].view(flow=True)
+                np.testing.assert_allclose(a["value"], b["value"], rtol=1e-12, err_msg=f"{region} {p} {v}")
+                np.testing.assert_allclose(a["variance"], b["variance"], rtol=1e-12, err_msg=f"{region} {p} {v}")
+
+
+def _records(local_dir: str) -> dict[str, list[str]]:
+    """``{namespace: [record keys]}`` as they lie on the server's disk (no temporary files)."""
+    top = Path(local_dir) / "cache"
+    return {ns.name: sorted(p.name for p in ns.iterdir() if p.name != "_about") for ns in top.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_rerun_runs_nothing_processor_and_file_changes_rerun(
+    fileset, reference, client, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    from mqexec import MQExecutor
+
+    workers = [start_worker("--concurrency", "2", "--loglevel", "INFO")]
+    cache = f"{xrootd_server.url}/{tmp_path.name}"
+    log = tmp_path / "executions.log"
+
+    first = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
+    assert len(_executions(log)) == 12 and len(set(_executions(log))) == 12
+    assert _metadata_tasks(workers) == 6
+    assert_identical(first, reference)
+    records = _records(os.path.join(xrootd_server.local_dir, tmp_path.name))
+    chunk_ns = [ns for ns in records if ns.startswith("coffea-chunks-CountingTtbar-")]
+    meta_ns = [ns for ns in records if ns.startswith("coffea-metadata-")]
+    assert len(chunk_ns) == 1 and len(records[chunk_ns[0]]) == 12 and len(records[meta_ns[0]]) == 6
+
+    # the same analysis again, in a new Runner: nothing runs on the workers, the same output
+    again = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
+    assert len(_executions(log)) == 12  # no chunk ran
+    assert _metadata_tasks(workers) == 6  # no preprocessing ran
+    assert_identical(again, first)
+    assert again["nevents"] == first["nevents"]
+
+    # another processor state: every chunk runs again (preprocessing is still cached)
+    log.unlink()
+    changed = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log), "v2"))
+    assert len(_executions(log)) == 12
+    assert _metadata_tasks(workers) == 6
+    assert_identical(changed, reference)
+
+    # one file replaced (same events, written again): only its 2 chunks and its preprocessing run
+    log.unlink()
+    replaced = fileset["ttbar__nominal"]["files"]
+    path = next(iter(replaced))
+    data = Path(path).read_bytes()
+    os.unlink(path)
+    from synthetic import write_nanoaod
+
+    write_nanoaod(path, 10_000, seed=0, process="ttbar")  # a new file: new UUID, new mtime
+    assert Path(path).read_bytes() != data
+    after = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log), "v2"))
+    assert sorted(_executions(log)) == [f"{os.path.basename(path)} 0", f"{os.path.basename(path)} 5000"]
+    assert _metadata_tasks(workers) == 7
+    assert after["nevents"] == changed["nevents"]
+
+
+def test_corrupt_record_is_ignored_and_rewritten_outputs_and_save(
+    fileset, reference, broker_url, settings, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    import mqexec
+    from mqexec import MQExecutor
+    from mqexec.outputs import load_output
+
+    start_worker("--concurrency", "2")
+    cache = f"{xrootd_server.url}/{tmp_path.name}/cache"
+    lake = f"{xrootd_server.url}/{tmp_path.name}/lake"
+    saved = f"{xrootd_server.url}/{tmp_path.name}/out/agc.coffea"
+    log = tmp_path / "executions.log"
+    with mqexec.Client(broker_url, lake_url=lake, **settings) as client:
+        first = _run(fileset, MQExecutor(client=client, cache=cache, save=saved, status=False), SkimmingTtbar(str(log)))
+        # open_output: one file per chunk, straight from the workers, named by the chunk, at the URL it reported
+        skims = first.pop("skims")
+        assert len(skims) == 12 and sum(skims.values()) == sum(reference["nevents"].values())
+        on_disk = Path(xrootd_server.local_dir, tmp_path.name, "lake", "skims")
+        assert sorted(p.name for p in on_disk.iterdir()) == sorted(u.rsplit("/", 1)[1] for u in skims)
+        assert all(u.startswith(lake + "/skims/chunk_") for u in skims)
+        # save=: the merged output, as coffea.util.save writes it
+        assert_identical(load_output(saved), reference)
+        from coffea.util import load
+
+        assert_identical(load(saved), reference)
+
+        # damage one record on the server's disk: it is not used, its chunk runs again, the record is rewritten
+        top = Path(xrootd_server.local_dir, tmp_path.name, "cache", "cache")  # <cache URL>/cache/<namespace>
+        (ns,) = [p for p in top.iterdir() if p.name.startswith("coffea-chunks-SkimmingTtbar-")]
+        victim = sorted(p for p in ns.iterdir() if p.name != "_about")[0]
+        raw = bytearray(victim.read_bytes())
+        raw[-5] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+        log.unlink()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = _run(fileset, MQExecutor(client=client, cache=cache, status=False), SkimmingTtbar(str(log)))
+        assert len(_executions(log)) == 1
+        assert_identical(again, reference)
+        assert [str(w.message) for w in caught if "corrupt" in str(w.message)] != []
+        assert victim.read_bytes() != bytes(raw)  # rewritten, and valid now
+
+        assert Lake(cache).cache_get(ns.name, victim.name) is not None  # checksum verified
+
+
+@pytest.mark.parametrize("where", ["unreachable", "refused"])
+def test_failing_lake_still_runs_and_says_so_once(
+    where, fileset, reference, client, start_worker, webdav_server: LakeServer, tmp_path
+) -> None:
+    from mqexec import MQExecutor
+
+    start_worker("--concurrency", "2")
+    # refused: the WebDAV server wants a password that neither the client nor the workers have
+    cache = f"davs://127.0.0.1:{free_port()}/cache" if where == "unreachable" else f"{webdav_server.url}/cache"
+    log = tmp_path / "executions.log"
+    env_ca = {"SSL_CERT_FILE": webdav_server.cafile or ""}
+    with warnings.catch_warnings(record=True) as caught, _env(env_ca):
+        warnings.simplefilter("always")
+        out = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
+    assert_identical(out, reference)
+    assert len(_executions(log)) == 12
+    messages = [str(w.message) for w in caught if "MQExecutor" in str(w.message)]
+    assert len(messages) == 2, messages  # one per Runner stage (preprocessing, chunks), not one per chunk
+    kind = "server unreachable" if where == "unreachable" else "authentication/permission refused"
+    assert all(cache in m and kind in m for m in messages), messages
+    assert "12 of 12 records not stored" in messages[1]
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Any:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
