@@ -545,7 +545,7 @@ class _ClientExecutor(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> StdFuture[Any]:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        fut = self._client.submit(fn, *args, pure=False, **self._kwargs, **kwargs)
+        fut = self._client.submit(fn, *args, **{"pure": False, **self._kwargs, **kwargs})
         self._futures.add(fut)
         std: StdFuture[Any] = StdFuture()
         std.set_running_or_notify_cancel()

@@ -142,7 +142,7 @@ class Config:
     connect_timeout: float = 5.0
     heartbeat: float = 30.0  #: AMQP heartbeat of clients and workers: a silent peer is found in ~2 intervals
     lease_interval: float = 10.0  #: how often a worker says which tasks it holds
-    lease_timeout: float = 90.0  #: a task whose worker has not said so for this long is sent again
+    lease_timeout: float = 60.0  #: a task whose worker has not said so for this long is sent again
     session_grace: float = 15.0  #: a client gone this long is over: workers skip its queued tasks
     session_expire: float = 600.0  #: ... and the broker deletes its queues this long after it went
     publish_timeout: float = 30.0  #: how long a task waits for an unreachable broker before its future fails

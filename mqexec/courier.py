@@ -372,6 +372,35 @@ class Courier(threading.Thread):
 
     def _send(self, batch: list[CallRecord]) -> None:
         first = batch[0]
+        try:
+            mid, body, headers, properties = self._message(batch)
+        except Exception as exc:  # not the broker's fault: these calls fail, the courier carries on
+            log.exception("could not build the task message of %s", first.label)
+            keys = {c.key for c in batch}
+            self.ledger.fail_all(lambda c: c.key in keys, exc)
+            return
+        if first.resource not in self._declared:
+            task_queue(self.cfg, first.resource)(self._channel).declare()
+            self._declared.add(first.resource)
+        queue = task_queue(self.cfg, first.resource)
+        self._publish(
+            body,
+            queue.routing_key,
+            exchange=self.cfg.queue_prefix,
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+            properties=properties,
+        )
+        self.ledger.sent(MessageRecord(mid, [c.key for c in batch], first.resource, time.monotonic()), batch)
+        if self.cfg.transport.confirms:
+            self._unconfirmed[self._tag] = mid
+
+    def _message(self, batch: list[CallRecord]) -> tuple[str, bytes, dict[str, Any], dict[str, Any]]:
+        """The signed Celery task message of a batch of calls: (id, body, headers, properties)."""
+        from kombu.utils.json import dumps
+
+        first = batch[0]
         mid = uuid.uuid4().hex
         calls = tuple(
             Call(c.key, c.label, c.args, tuple((k, self._dep(k, r)) for k, r in self.ledger.deps_of(c)), c.retries)
@@ -392,9 +421,6 @@ class Courier(threading.Thread):
             lake=self.cfg.lake_url,
             attempt=1 + max(c.attempts for c in batch),
         )
-        if first.resource not in self._declared:
-            task_queue(self.cfg, first.resource)(self._channel).declare()
-            self._declared.add(first.resource)
         label = first.label if len(batch) == 1 else f"{len(batch)} calls: {first.label} ..."
         message = self._app.amqp.as_task_v2(
             mid,
@@ -406,21 +432,7 @@ class Courier(threading.Thread):
             kwargsrepr="{}",
         )
         headers = {**message.headers, REPLY_HEADER: self.reply_to}
-        from kombu.utils.json import dumps
-
-        queue = task_queue(self.cfg, first.resource)
-        self._publish(
-            dumps(message.body),
-            queue.routing_key,
-            exchange=self.cfg.queue_prefix,
-            content_type="application/json",
-            content_encoding="utf-8",
-            headers=headers,
-            properties={"delivery_mode": 2, **message.properties},
-        )
-        self.ledger.sent(MessageRecord(mid, [c.key for c in batch], first.resource, time.monotonic()), batch)
-        if self.cfg.transport.confirms:
-            self._unconfirmed[self._tag] = mid
+        return mid, dumps(message.body), headers, {"delivery_mode": 2, **message.properties}
 
     def _confirmed(self, tag: int, multiple: bool) -> list[str]:
         done = [t for t in self._unconfirmed if t <= tag] if multiple else [tag]

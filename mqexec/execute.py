@@ -54,6 +54,7 @@ class Executor:
         self._lakes: dict[str, Any] = {}
         self._conn: Any = None
         self._pieces: dict[tuple[str, Key], list[bytes]] = {}
+        self._task_lake: str | None = None
 
     def __call__(self, wire: Any) -> None:
         started = time.perf_counter()
@@ -66,6 +67,7 @@ class Executor:
         log.info("ran %s in %.3f s%s", label, time.perf_counter() - started, f", {failed} failed" if failed else "")
 
     def run(self, task: Task) -> list[Outcome]:
+        self._task_lake = task.lake
         if task.python != PYTHON:
             exc = EnvironmentMismatch(
                 f"task {task.id} was pickled by Python {task.python} but this worker runs Python {PYTHON}: start "
@@ -98,8 +100,8 @@ class Executor:
             return self.blobs.get(ref.blob, ref.size, ref.pieces)
         from .lake import LakeRef
 
-        assert ref.lake is not None
-        return bytes(self._lake(ref.lake["url"]).get(LakeRef.from_dict(ref.lake)))
+        assert ref.lake is not None and self._task_lake is not None, "a data-lake value came with a task that names no lake"
+        return bytes(self._lake(self._task_lake).get(LakeRef.from_dict(ref.lake)))
 
     def _function(self, ref: Ref) -> Any:
         import cloudpickle

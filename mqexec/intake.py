@@ -414,6 +414,7 @@ class Request(CeleryRequest):  # type: ignore[misc]
             return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         finally:
             exc = getattr(exc_info, "exception", None)
+            exc = getattr(exc, "exc", exc)  # billiard wraps it in ExceptionWithTraceback
             _left(self.id, lost=str(exc) if isinstance(exc, WorkerLostError) else "")
 
     def _announce_revoked(self, *args: Any, **kwargs: Any) -> Any:

@@ -89,6 +89,7 @@ class Ledger:
         self.values: dict[Key, Ref] = {}  #: how a finished key's value reaches a dependent call
         self.finished_calls: dict[Key, CallRecord] = {}  #: settled calls, for recreate_task_locally
         self._dependents: dict[Key, set[Key]] = {}
+        self._needed: Counter[Key] = Counter()  #: unsettled calls whose arguments hold the key's future
         self._outbox: deque[CallRecord] = deque()
         self._handles: Counter[Key] = Counter()
         self._released: queue.SimpleQueue[Key] = queue.SimpleQueue()  #: filled by Future.release / __del__
@@ -130,8 +131,8 @@ class Ledger:
     def _forget_if_done(self, key: Key) -> None:
         state = self.states.get(key)
         if state is not None and state.status != "pending" and key not in self._handles:
-            if self._dependents.get(key):
-                return  # a held call still needs its value
+            if self._needed[key] > 0:
+                return  # a call on its way still needs its value (to be sent, or sent again)
             del self.states[key]
             self.values.pop(key, None)
             self.finished_calls.pop(key, None)
@@ -145,6 +146,7 @@ class Ledger:
         """Register a new call: it waits for the futures in its arguments, or goes to the outbox."""
         with self.lock:
             self.calls[call.key] = call
+            self._needed.update(call.deps)
             for dep in call.deps:
                 state = self.states.get(dep)
                 if state is None:
@@ -279,9 +281,15 @@ class Ledger:
 
     def _drop_call(self, key: Key) -> None:
         call = self.calls.pop(key, None)
-        if call is not None:
-            for dep in call.waiting:
-                self._dependents.get(dep, set()).discard(key)
+        if call is None:
+            return
+        for dep in call.waiting:
+            self._dependents.get(dep, set()).discard(key)
+        for dep in call.deps:
+            self._needed[dep] -= 1
+            if self._needed[dep] <= 0:
+                del self._needed[dep]
+                self._forget_if_done(dep)
 
     # -- the client's own decisions ---------------------------------------------------------------------------------
 

@@ -99,6 +99,8 @@ def settings(broker_url: str, prefix: str, tmp_path: Path, identity: Identity) -
         "queue_prefix": prefix,
         "identity": identity.text(),
         "no_worker_grace": 2.0,
+        "lease_interval": 1.0,  # a killed worker's tasks are sent again within seconds
+        "lease_timeout": 5.0,
         "cache_dir": str(tmp_path / "client-cache"),
     }
 
@@ -121,6 +123,7 @@ def start_worker(broker_url: str, settings: dict[str, object], tmp_path: Path, i
             "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
             "MQEXEC_SECRET": secret if secret is not None else identity.trust.token(),
             "MQEXEC_CACHE_DIR": str(tmp_path / f"worker{n}-cache"),
+            "MQEXEC_LEASE_INTERVAL": str(settings["lease_interval"]),
             "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
             "MQEXEC_LAKE_URL": "",
             **(env or {}),

@@ -155,13 +155,14 @@ def test_two_rabbitmq_workers_match_iterative(fileset, reference, client, start_
     assert client.submit(_coffea_loaded, pure=False).result(60) is False  # a worker imports coffea lazily
 
     sent: list[tuple[str, int, bool]] = []
-    send_task = client._app.send_task
+    build = client._courier._message
 
-    def recording(name, args, **kw):
-        sent.append((kw["argsrepr"], len(json.dumps(args)), args[0]["fn"]["inline"] is None))
-        return send_task(name, args, **kw)
+    def recording(batch):
+        mid, body, headers, properties = build(batch)
+        sent.append((headers["argsrepr"], len(body), "b" in json.loads(body)[0][0]["fn"]))
+        return mid, body, headers, properties
 
-    client._app.send_task = recording
+    client._courier._message = recording
     assert_same(_run(fileset, MQExecutor(client=client, status=False)), reference)
     chunk_messages = [s for s in sent if s[0].endswith("]")]
     assert len(chunk_messages) == reference[1]["chunks"]
@@ -181,9 +182,9 @@ def test_two_rabbitmq_workers_match_iterative(fileset, reference, client, start_
 
     gc.collect()
     deadline = time.monotonic() + 10
-    while client._states and time.monotonic() < deadline:
+    while client._ledger.states and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not client._states, sorted(client._states)[:5]
+    assert not client._ledger.states, sorted(client._ledger.states)[:5]
 
 
 def test_worker_killed_mid_run_loses_and_doubles_nothing(fileset, reference, client, start_worker) -> None:

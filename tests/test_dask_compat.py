@@ -120,14 +120,16 @@ def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     from kombu import Connection
     from workerproc import ROOT, Worker
 
-    from mqexec.app import delete_topology
     from mqexec.config import Config
+    from mqexec.keys import Identity
+    from mqexec.topology import delete_topology
 
     tmp = tmp_path_factory.mktemp("mqcompat")
     prefix = f"mqt{uuid.uuid4().hex[:10]}"
+    identity = Identity.new()
     settings: dict[str, Any] = {
         "queue_prefix": prefix,
-        "secret": f"test-{prefix}",
+        "identity": identity.text(),
         "no_worker_grace": 2.0,
         "cache_dir": str(tmp / "client-cache"),
     }
@@ -136,7 +138,7 @@ def mq_settings(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
         env = {
             **os.environ,
             "MQEXEC_QUEUE_PREFIX": prefix,
-            "MQEXEC_SECRET": settings["secret"],
+            "MQEXEC_SECRET": identity.trust.token(),
             "MQEXEC_CACHE_DIR": str(tmp / f"worker{n}-cache"),
             "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
         }

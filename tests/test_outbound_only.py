@@ -191,7 +191,7 @@ def _where_am_i(i: int, host_addr: str) -> tuple[int, int, str]:
     return i, os.stat("/proc/self/ns/net").st_ino, src
 
 
-def test_worker_behind_inbound_drop_firewall_completes_a_run(jail, broker_url, settings, client, tmp_path):
+def test_worker_behind_inbound_drop_firewall_completes_a_run(jail, broker_url, settings, client, tmp_path, identity):
     # 1. The firewall really drops inbound: a listener inside the namespace accepts from inside, not from us.
     probe_port = _free_port("127.0.0.1")
     listener = _popen(
@@ -241,7 +241,7 @@ def test_worker_behind_inbound_drop_firewall_completes_a_run(jail, broker_url, s
     env = {
         **os.environ,
         "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
-        "MQEXEC_SECRET": str(settings["secret"]),
+        "MQEXEC_SECRET": identity.trust.token(),
         "MQEXEC_CACHE_DIR": str(tmp_path / "ns-worker-cache"),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
         "MQEXEC_LAKE_URL": "",

@@ -11,9 +11,12 @@ import cloudpickle
 import pytest
 
 import mqexec
-from mqexec.app import make_app, queue_name, task_queue
+from forge import make_task, publish
+
 from mqexec.config import Config
-from mqexec.envelope import Call, FunctionRef, TaskEnvelope, environment
+from mqexec.keys import Identity
+from mqexec.ledger import CallRecord, MessageRecord
+from mqexec.topology import task_queue_name
 
 
 def record_and_sleep(log: str, i: int, delay: float) -> int:
@@ -49,7 +52,7 @@ def test_poison_task_is_dead_lettered_and_the_rest_completes(start_worker, clien
     start_worker("--concurrency", "1")
     poison = client.submit(die)
     healthy = client.map(lambda x: x + 1, range(50))
-    with pytest.raises(mqexec.TaskDeadLettered, match=r"die\(\).*delivered .* times and its worker died"):
+    with pytest.raises(mqexec.TaskDeadLettered, match=r"die\(\).*started 4 times and its worker died every time \(on w0-.*exitcode 3"):
         poison.result(timeout=120)
     assert client.gather(healthy) == list(range(1, 51))
 
@@ -85,29 +88,16 @@ def _write_marker(path: str) -> None:
     Path(path).write_text("executed")
 
 
-def _publish_raw(settings: dict, broker_url: str, envelope_wire: object) -> None:
-    cfg = Config.load(broker_url=broker_url, **settings)
-    app = make_app(cfg)
-    with app.connection_for_write() as conn:
-        app.send_task("mqexec.run", args=[envelope_wire], queue=task_queue(cfg), connection=conn)
-
-
-def _envelope(marker: Path, reply_to: str, python: str | None = None) -> TaskEnvelope:
-    fn = cloudpickle.dumps(_write_marker)
-    env = {**environment(), **({"python": python} if python else {})}
-    call = Call("forged-1", "forged", cloudpickle.dumps(((str(marker),), {})))
-    return TaskEnvelope("forged-1", env, FunctionRef.of(fn, 1 << 20), (call,), reply_to)
-
-
-def test_forged_and_tampered_tasks_are_never_executed(start_worker, settings, broker_url, tmp_path):
+def test_forged_and_tampered_tasks_are_never_executed(start_worker, settings, broker_url, tmp_path, identity):
     worker = start_worker("--concurrency", "1")
     marker = tmp_path / "marker"
-    env = _envelope(marker, "nobody")
-    forged = env.encode(b"not-the-key")
-    tampered = env.encode(str(settings["secret"]).encode())
-    tampered["calls"][0][2] = tampered["calls"][0][2][:-4] + "AAA="  # change the payload, keep the signature
+    cfg = Config.load(broker_url=broker_url, **settings)
+    task = make_task(identity, cfg, "s1", _write_marker, str(marker))
+    forged = task.sign(Identity(Identity.new().seed, identity.result_secret))  # our key id, another key's signature
+    tampered = task.sign(identity)
+    tampered["calls"][0]["a"]["i"] = tampered["calls"][0]["a"]["i"][:-4] + "AAA="  # the payload changed, not the sig
     for wire in (forged, tampered, {"just": "garbage"}, "not even a dict"):
-        _publish_raw(settings, broker_url, wire)
+        publish(cfg, wire)
     from kombu import Connection
 
     dead = f"{settings['queue_prefix']}.dead"
@@ -126,14 +116,15 @@ def test_forged_and_tampered_tasks_are_never_executed(start_worker, settings, br
     assert worker.text().count("rejected a task message, never unpickled") == 4
 
 
-def test_signed_task_from_another_python_is_refused_before_unpickling(start_worker, client, settings, tmp_path):
+def test_signed_task_from_another_python_is_refused_before_unpickling(start_worker, client, identity, tmp_path):
     start_worker("--concurrency", "1")
     marker = tmp_path / "marker"
-    envelope = _envelope(marker, client.reply_to, python="2.7")
-    state = mqexec.futures.FutureState()
-    client._states["forged-1"] = state
-    client._inflight["forged-1"] = "forged-1"
-    _publish_raw(settings, client.config.broker_url, envelope.encode(client.config.secret))
+    task = make_task(identity, client.config, client.session, _write_marker, str(marker), python="2.7")
+    state, _ = client._ledger.state("forged-1")
+    client._ledger.messages[task.id] = MessageRecord(task.id, ["forged-1"], None, time.monotonic())
+    client._ledger.calls["forged-1"] = CallRecord("forged-1", "forged", None, task.calls[0].args, frozenset(),
+                                                  message=task.id)  # fmt: skip
+    publish(client.config, task.sign(identity), reply_to=client.reply_to)
     assert state.wait(30)
     assert isinstance(state.exception, mqexec.EnvironmentMismatch)
     assert "pickled by Python 2.7" in str(state.exception)
@@ -165,4 +156,4 @@ def test_resources_route_to_workers_that_offer_them(start_worker, client):
     anywhere = client.gather(client.map(who, range(40), pure=False, batch_size=1))
     assert "cpu" in anywhere
     cfg = client.config
-    assert queue_name(cfg, "GPU") == f"{cfg.queue_prefix}.{cfg.env}.GPU"
+    assert task_queue_name(cfg, "GPU") == f"{cfg.queue_prefix}.{cfg.env}.GPU"

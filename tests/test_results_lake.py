@@ -20,8 +20,9 @@ def test_big_results_travel_through_the_lake(start_worker, broker_url, settings,
         small = client.submit(big_array, 10)
         total = client.submit(np.sum, big)  # a lake result as another task's argument: read there, not here
         assert total.result(timeout=60) == sum(range(1_000_000))
-        assert big.key in client._refs and small.key not in client._refs
-        ref = client._refs[big.key]
+        values = client._ledger.values
+        assert values[big.key].lake is not None and values[small.key].lake is None
+        ref = values[big.key].lake
         assert ref["url"].startswith("root://") and ref["size"] > 8_000_000
         np.testing.assert_array_equal(big.result(timeout=60), np.arange(1_000_000, dtype=np.float64))
         np.testing.assert_array_equal(small.result(timeout=60), np.arange(10, dtype=np.float64))

@@ -12,6 +12,8 @@ import psutil
 import pytest
 from test_reliability import record_and_sleep
 
+from mqexec.keys import Identity
+
 
 def _wait_exit(worker, timeout: float) -> int:
     return worker.proc.wait(timeout)
@@ -65,6 +67,10 @@ def test_worker_never_listens_on_a_port(start_worker, client):
     )
 
 
+IDENTITY = Identity.new().text()
+TOKEN = Identity.parse(IDENTITY).trust.token()
+
+
 def _run_worker_cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
     started = time.monotonic()
     proc = subprocess.run(
@@ -72,7 +78,7 @@ def _run_worker_cli(args: list[str], env: dict[str, str] | None = None) -> tuple
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "MQEXEC_SECRET": "s", **(env or {})},
+        env={**os.environ, "MQEXEC_SECRET": TOKEN, **(env or {})},
     )
     return proc.returncode, proc.stderr, time.monotonic() - started
 
@@ -85,6 +91,9 @@ def _run_worker_cli(args: list[str], env: dict[str, str] | None = None) -> tuple
         ("amqp://guest:guest@no-such-host.invalid:5672//", "cannot resolve the broker host 'no-such-host.invalid'"),
         ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "vhost 'no-such-vhost'"),
         ("amqq://guest:guest@127.0.0.1:5672//", "did you mean amqp://"),
+        ("amqp:guest:hunter2x@127.0.0.1:5672", "lacks '//' after 'amqp:'"),
+        ("amqp://guest:hunter2x@127.0.0.1:notaport//", "has port 'notaport': not a number from 1 to 65535"),
+        ("amqp://guest:hunter2x@127.0.0.1:99999//", "has port '99999': not a number from 1 to 65535"),
     ],
 )
 def test_bad_broker_fails_fast_with_a_clear_error(url, expected):
@@ -105,7 +114,8 @@ def test_worker_without_a_signing_key_refuses_to_start(tmp_path):
         env={**env, "XDG_CONFIG_HOME": str(tmp_path)},
     )
     assert proc.returncode == 2
-    assert "no signing key" in proc.stderr and "MQEXEC_SECRET" in proc.stderr
+    assert "this worker has no key" in proc.stderr and "MQEXEC_SECRET" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one sentence, no traceback
 
 
 def test_client_bad_broker_fails_fast():
@@ -113,9 +123,9 @@ def test_client_bad_broker_fails_fast():
 
     started = time.monotonic()
     with pytest.raises(mqexec.BrokerError, match="refused the login"):
-        mqexec.Client("amqp://guest:nope@127.0.0.1:5672//", secret="s")
+        mqexec.Client("amqp://guest:nope@127.0.0.1:5672//", identity=IDENTITY)
     with pytest.raises(mqexec.BrokerError, match="nothing accepts connections"):
-        mqexec.Client("amqp://guest:guest@127.0.0.1:1//", secret="s")
+        mqexec.Client("amqp://guest:guest@127.0.0.1:1//", identity=IDENTITY)
     with pytest.raises(mqexec.ConfigError, match="did you mean"):
-        mqexec.Client("amqps2://x@y//", secret="s")
+        mqexec.Client("amqps2://x@y//", identity=IDENTITY)
     assert time.monotonic() - started < 20
