@@ -149,7 +149,7 @@ def loads_detached(data: bytes) -> Any:
 
 
 def _canonical(obj: Any, pickler: _HashPickler, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
-    """``obj`` with sets made sorted tuples, looking into containers and instance dicts (hashing only)."""
+    """``obj`` with sets and dicts made sorted tuples, looking into containers and instance dicts (hashing only)."""
     if depth > _MAX_DEPTH or id(obj) in seen:
         return obj
     seen = seen | {id(obj)}
@@ -162,13 +162,15 @@ def _canonical(obj: Any, pickler: _HashPickler, depth: int = 0, seen: frozenset[
         return ("<set>", tuple(sorted((canon(x) for x in obj), key=pickler.dumps)))
     if kind in (list, tuple):
         return kind(canon(x) for x in obj)
-    if kind is dict:
-        return {k: canon(v) for k, v in obj.items()}
+    if kind is dict:  # equal dicts hash alike, whatever order their keys were inserted in
+        items = sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        return ("<dict>", tuple((canon(k), canon(v)) for k, v in items))
     if isinstance(obj, type | types.FunctionType | types.ModuleType | types.BuiltinFunctionType):
         return obj
-    state = getattr(obj, "__dict__", None)
-    if type(state) is dict and type(obj).__reduce_ex__ is object.__reduce_ex__:
-        return ("<object>", kind, canon(state))
+    if type(obj).__reduce_ex__ is object.__reduce_ex__ and hasattr(obj, "__dict__"):
+        state = obj.__getstate__()  # what pickling keeps (a class may leave attributes out)
+        if type(state) is dict:
+            return ("<object>", kind, canon(state))
     return obj
 
 

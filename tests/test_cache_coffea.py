@@ -123,6 +123,17 @@ def assert_identical(out: dict, ref: dict) -> None:
                 np.testing.assert_allclose(a["variance"], b["variance"], rtol=1e-12, err_msg=f"{region} {p} {v}")
 
 
+def _private_copy(fileset: dict, directory: Path) -> dict:
+    import shutil
+
+    directory.mkdir()
+    copy = {}
+    for name, entry in fileset.items():
+        files = {shutil.copy(path, directory): tree for path, tree in entry["files"].items()}
+        copy[name] = entry | {"files": files}
+    return copy
+
+
 def _records(local_dir: str) -> dict[str, list[str]]:
     """``{namespace: [record keys]}`` as they lie on the server's disk (no temporary files)."""
     top = Path(local_dir) / "cache"
@@ -138,6 +149,7 @@ def test_rerun_runs_nothing_processor_and_file_changes_rerun(
     workers = [start_worker("--concurrency", "2", "--loglevel", "INFO")]
     cache = f"{xrootd_server.url}/{tmp_path.name}"
     log = tmp_path / "executions.log"
+    fileset = _private_copy(fileset, tmp_path / "agc")  # one of its files is replaced below
 
     first = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
     assert len(_executions(log)) == 12 and len(set(_executions(log))) == 12
@@ -258,3 +270,78 @@ def _env(values: dict[str, str]) -> Any:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class SlowCountingTtbar(CountingTtbar):
+    """Sleeps ``MQEXEC_TEST_DELAY`` seconds (the worker's environment) before each chunk."""
+
+    def process(self, events: Any) -> Any:
+        import time
+
+        time.sleep(float(os.environ.get("MQEXEC_TEST_DELAY", "0")))
+        return super().process(events)
+
+
+_CLIENT_SCRIPT = """
+import json, sys
+sys.path[:0] = {paths!r}
+import test_cache_coffea as t
+from mqexec import Client, MQExecutor
+args = json.loads(sys.argv[1])
+with Client(args["broker"], **args["settings"]) as client:
+    ex = MQExecutor(client=client, cache=args["cache"], save=args["save"], status=False)
+    t._run(args["fileset"], ex, t.SlowCountingTtbar(args["log"]))
+print("done")
+"""
+
+
+def test_resume_after_the_client_is_killed(
+    fileset, reference, broker_url, settings, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    """SIGKILL the client (and, like a lost session, its workers) half-way; the rerun runs only what is
+    missing and gives the output of an uninterrupted run."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from kombu import Connection
+
+    from mqexec.app import delete_topology
+    from mqexec.config import Config
+    from mqexec.outputs import load_output
+
+    script = tmp_path / "client.py"
+    script.write_text(_CLIENT_SCRIPT.format(paths=[str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]))
+    log = tmp_path / "executions.log"
+    cache = f"{xrootd_server.url}/{tmp_path.name}"
+    args = {"broker": broker_url, "settings": settings, "cache": cache, "log": str(log), "fileset": fileset}
+
+    def client(save: str | None) -> subprocess.Popen[str]:
+        argv = [sys.executable, str(script), json.dumps(args | {"save": save})]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    worker = start_worker("--concurrency", "2", env={"MQEXEC_TEST_DELAY": "0.4"})
+    first = client(None)
+    deadline = time.monotonic() + 120
+    while len(_executions(log)) < 4:  # about a third of the chunks are done
+        assert first.poll() is None, first.communicate()[0]
+        assert time.monotonic() < deadline, "the first run did not get going"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    worker.kill9()
+    with Connection(broker_url.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queue, gone
+        delete_topology(conn.channel(), Config.load(broker_url=broker_url, queue_prefix=settings["queue_prefix"]))
+    (ns,) = [p for p in Path(xrootd_server.local_dir, tmp_path.name, "cache").iterdir() if "chunks" in p.name]
+    stored = len([p for p in ns.iterdir() if p.name != "_about" and ".tmp-" not in p.name])
+    done_before = len(_executions(log))
+    assert 2 <= stored <= done_before < 12  # every chunk finished before the kill was kept
+
+    start_worker("--concurrency", "2")
+    saved = f"file://{tmp_path}/out/agc.coffea"
+    second = client(saved)
+    output, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, output
+    assert len(_executions(log)) - done_before == 12 - stored  # only the missing chunks ran
+    assert_identical(load_output(saved), reference)
