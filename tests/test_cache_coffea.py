@@ -18,14 +18,14 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import pytest
-from lake_servers import LakeServer, free_port, webdav_server, xrootd_server
+from lake_servers import LakeServer, free_port, webdav_server, webdav_token_server, xrootd_server
 
 from mqexec.lake import Lake
 
 coffea_processor = pytest.importorskip("coffea.processor")
 from coffea.nanoevents import NanoAODSchema  # noqa: E402
 
-__all__ = ["webdav_server", "xrootd_server"]  # fixtures used by name below
+__all__ = ["webdav_server", "webdav_token_server", "xrootd_server"]  # fixtures used by name below
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNKSIZE = 5_000
@@ -345,3 +345,30 @@ def test_resume_after_the_client_is_killed(
     assert second.returncode == 0, output
     assert len(_executions(log)) - done_before == 12 - stored  # only the missing chunks ran
     assert_identical(load_output(saved), reference)
+
+
+def test_token_protected_webdav_cache_and_save(
+    fileset, reference, client, start_worker, webdav_token_server: LakeServer, tmp_path, monkeypatch
+) -> None:
+    """Client and workers find the WLCG token and the CA directory in their environment; none travels."""
+    from mqexec import MQExecutor
+    from mqexec.outputs import load_output
+
+    server = webdav_token_server
+    (tmp_path / "token").write_text(server.token or "")
+    grid = {"BEARER_TOKEN_FILE": str(tmp_path / "token"), "X509_CERT_DIR": server.ca_dir or ""}
+    for name, value in grid.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("BEARER_TOKEN", raising=False)
+    start_worker("--concurrency", "2", env=grid)
+    cache, saved = f"{server.url}/{tmp_path.name}/cache", f"{server.url}/{tmp_path.name}/agc.coffea"
+    log = tmp_path / "executions.log"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a cache problem would be a warning
+        _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
+        again = _run(fileset, MQExecutor(client=client, cache=cache, save=saved, status=False), CountingTtbar(str(log)))
+    assert len(_executions(log)) == 12  # the second run: all from the cache
+    assert_identical(again, reference)
+    assert_identical(load_output(saved), reference)
+    records = _records(os.path.join(server.local_dir, tmp_path.name, "cache"))
+    assert sorted(len(v) for v in records.values()) == [6, 12]
