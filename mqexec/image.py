@@ -92,8 +92,12 @@ def pins(extra: Iterable[str] = ()) -> dict[str, str]:
 
     Raises:
         metadata.PackageNotFoundError: a name in ``extra`` is not installed.
+        ConfigError: ``packaging`` (to read the requirements) is not installed.
     """
-    from packaging.requirements import InvalidRequirement, Requirement
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        raise ConfigError("mqexec image reads requirements with `packaging`: pip install packaging") from None
 
     for name in extra:
         metadata.distribution(name)  # fail loudly for a typo

@@ -127,6 +127,12 @@ def test_extra_package_and_typo(tmp_path: Path) -> None:
     assert out.stderr.count("\n") == 1
 
 
+def test_without_packaging_it_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "packaging.requirements", None)  # as if `packaging` were not installed
+    with pytest.raises(ConfigError, match=r"^mqexec image reads requirements with `packaging`: pip install packaging$"):
+        image.pins()
+
+
 def test_python_m_mqexec_image_writes_worker_image_here_and_says_how_to_build(tmp_path: Path) -> None:
     out = _image_cli(cwd=tmp_path)
     assert out.returncode == 0, out.stderr
