@@ -372,3 +372,40 @@ def test_token_protected_webdav_cache_and_save(
     assert_identical(load_output(saved), reference)
     records = _records(os.path.join(server.local_dir, tmp_path.name, "cache"))
     assert sorted(len(v) for v in records.values()) == [6, 12]
+
+
+def test_two_clients_at_once_never_tear_a_record(
+    fileset, reference, broker_url, settings, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    import json
+    import subprocess
+
+    from mqexec.lake import Lake
+    from mqexec.outputs import load_output
+
+    script = tmp_path / "client.py"
+    script.write_text(_CLIENT_SCRIPT.format(paths=[str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]))
+    cache = f"{xrootd_server.url}/{tmp_path.name}"
+    log = tmp_path / "executions.log"
+    start_worker("--concurrency", "2")
+    start_worker("--concurrency", "2")
+    procs, saved = [], []
+    for i in range(2):
+        saved.append(f"file://{tmp_path}/out{i}.coffea")
+        args = {"broker": broker_url, "settings": settings, "cache": cache, "log": str(log), "fileset": fileset}
+        argv = [sys.executable, str(script), json.dumps(args | {"save": saved[-1]})]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output
+    for url in saved:
+        assert_identical(load_output(url), reference)
+    assert 12 <= len(_executions(log)) <= 24  # each chunk ran once or twice, never more
+    lake = Lake(cache)
+    records = _records(os.path.join(xrootd_server.local_dir, tmp_path.name))
+    (chunks,) = [ns for ns in records if ns.startswith("coffea-chunks-")]
+    assert len(records[chunks]) == 12
+    for key in records[chunks]:  # every record whole: its checksum matches
+        assert lake.cache_get(chunks, key) is not None
+    leftovers = list(Path(xrootd_server.local_dir, tmp_path.name).rglob("*.tmp-*"))
+    assert leftovers == []
