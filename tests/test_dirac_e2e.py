@@ -175,12 +175,15 @@ def _gone(job: Any, timeout: float = 20) -> bool:
     return False
 
 
-def _assert_no_secrets(jdls: list[str], broker_url: str, secret: str) -> None:
+def _assert_no_secrets(server: RecordingServer, broker_url: str, secret: str) -> None:
+    """Neither the broker password nor the signing key is in any JDL, nor anywhere in any request to DIRAC."""
     password = urlsplit(broker_url).password or ""
-    assert jdls
-    for jdl in jdls:
+    assert server.jdls
+    requests = json.dumps(server.forms)
+    for jdl in server.jdls:
         for value in {password, quote(password, safe=""), secret, quote(secret, safe="")}:
             assert value and value not in jdl, f"{value!r} is in the JDL:\n{jdl}"
+            assert value not in requests, f"{value!r} was sent to DIRAC"
         assert "MQEXEC_SECRET" not in jdl and "MQEXEC_BROKER_URL" not in jdl
         assert BOOT_URL_ENV in jdl  # only the bootstrap account, which can do nothing but say hello
 
@@ -286,7 +289,7 @@ def test_contract_scale_run_close(
         workers.close()
     assert all(_gone(j) for j in server.jobs.values()), "worker processes survived close()"
     assert {j.status for j in server.jobs.values()} == {"Killed"}
-    _assert_no_secrets(server.jdls, broker_url, str(settings["secret"]))
+    _assert_no_secrets(server, broker_url, str(settings["secret"]))
     assert getattr(workers.pool.secrets, "user", "?") is None  # the bootstrap user was deleted
 
 
@@ -421,13 +424,14 @@ def test_contract_cli_submit_jobs_kill(
     env = _cli_env(tmp_path, settings)
     argv = _submit_argv(server, pki, broker_url, str(settings["queue_prefix"]), boot_url)
     argv += ["--site", "LCG.UKI-SOUTHGRID-RALPP.uk,LCG.UKI-LT2-Brunel.uk"]
+    futures = client.map(_square, range(50))  # work waiting before any job is submitted
     submit = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out: list[str] = []
     reader = _lines(submit.stdout, out)
     try:
-        _wait_consuming(server, 2)
-        results = client.gather(client.map(_square, range(50)))
+        results = client.gather(futures)
         assert [r for r, _ in results] == [x * x for x in range(50)]
+        _wait_consuming(server, 2)
         ran = {int(job) for _, job in results}
         _wait_for_line(out, r"first task started", count=len(ran))
         _wait_for_line(out, r": Running at ", count=2)
@@ -458,7 +462,7 @@ def test_contract_cli_submit_jobs_kill(
     assert all(_gone(j) for j in server.jobs.values())
     assert {j.status for j in server.jobs.values()} == {"Killed"}
     assert 'Site = {"LCG.UKI-SOUTHGRID-RALPP.uk", "LCG.UKI-LT2-Brunel.uk"}' in server.jdls[0]
-    _assert_no_secrets(server.jdls, broker_url, str(settings["secret"]))
+    _assert_no_secrets(server, broker_url, str(settings["secret"]))
     print("\n".join(out))  # the time to the first worker, as docs/dirac.md quotes it (pytest -s)
 
 

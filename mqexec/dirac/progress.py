@@ -29,7 +29,7 @@ log = logging.getLogger("mqexec.dirac")
 
 
 class FirstWorkers:
-    """Watches a run's jobs start; :meth:`start` listens to task events until :meth:`stop`.
+    """Watches a run's jobs start; :meth:`start` (just before submitting) listens to task events until :meth:`stop`.
 
     >>> watch = FirstWorkers(cfg)                     # doctest: +SKIP
     >>> watch.start(); workers = DiracWorkers(settings, on_credentials=watch.credentials)   # doctest: +SKIP
@@ -100,6 +100,7 @@ class FirstWorkers:
         connect(self.cfg).release()
         self._thread.start()
         self._listening.wait(10)
+        self.t0 = self.clock()  # what follows is the submission: times count from here
 
     def _listen(self) -> None:
         from ..app import make_app
