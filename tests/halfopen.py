@@ -7,7 +7,7 @@
                          close():  listener and every connection closed (now the peers do see FIN)
 
     with HalfOpenRelay("127.0.0.1", 5672) as relay:
-        conn = amqp.Connection(f"127.0.0.1:{relay.port}", heartbeat=2)
+        conn = kombu.Connection(relay.url("amqp://guest:guest@127.0.0.1:5672//"), heartbeat=2)
         conn.connect()
         relay.freeze()          # conn.heartbeat_check() raises within ~2 heartbeats; heartbeat=0 never notices
 
@@ -22,6 +22,7 @@ import socket
 import threading
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
 
 _CHUNK = 65536
 
@@ -74,6 +75,12 @@ class HalfOpenRelay:
         self._stopping = threading.Event()
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"halfopen:{self.port}", daemon=True)
         self._acceptor.start()
+
+    def url(self, url: str) -> str:
+        """``url`` (amqp://user:pw@host:port/vhost) pointed at this relay instead: same credentials and vhost."""
+        parts = urlsplit(url)
+        auth, at, _ = parts.netloc.rpartition("@")
+        return parts._replace(netloc=f"{auth}{at}127.0.0.1:{self.port}").geturl()
 
     def freeze(self) -> None:
         """Stop forwarding on every open connection, both ways, without closing anything."""

@@ -338,14 +338,13 @@ def _poll(conns: list[Connection], seconds: float) -> float | None:
 
 def test_frozen_relay_is_noticed_by_heartbeats_only(broker_url: str) -> None:
     parts = urlsplit(broker_url)
-    auth = parts.netloc.rpartition("@")[0]
     with HalfOpenRelay(parts.hostname or "127.0.0.1", parts.port or 5672) as relay:
-        relayed = parts._replace(netloc=f"{auth}@127.0.0.1:{relay.port}" if auth else f"127.0.0.1:{relay.port}")
-        beating = Connection(relayed.geturl(), heartbeat=2, connect_timeout=5)
-        silent = Connection(relayed.geturl(), connect_timeout=5)
+        assert urlsplit(relay.url(broker_url)).port == relay.port
+        beating = Connection(relay.url(broker_url), heartbeat=2, connect_timeout=5)
+        silent = Connection(relay.url(broker_url), connect_timeout=5)
         with beating, silent:
             beating.connect()
-            silent.connect()
+            raw = silent.connect().connection
             assert (beating.connection.heartbeat, silent.connection.heartbeat) == (2, 0)
             assert relay.connections == 2
             assert _poll([beating, silent], 5) is None  # healthy: heartbeats flow both ways, nothing raises
@@ -353,9 +352,14 @@ def test_frozen_relay_is_noticed_by_heartbeats_only(broker_url: str) -> None:
             relay.freeze()
             noticed = _poll([beating, silent], 15)
             assert _poll([silent], 4) is None  # heartbeat 0: a dead peer goes unnoticed
-            print(f"\nfrozen relay: the heartbeat-2 s connection noticed after {noticed} s, heartbeat 0 never")
             assert noticed is not None and noticed < 10
+            print(f"\nfrozen relay: the heartbeat-2 s connection noticed after {noticed:.1f} s, heartbeat 0 never")
             assert relay.connections == 2  # nothing was closed
+            with Connection(relay.url(broker_url), connect_timeout=5) as fresh:  # a reconnect gets through
+                fresh.channel().queue_declare(queue="", exclusive=True)
 
-            relay.thaw()  # the silent connection was never closed, only held: it works again
-            silent.channel().queue_declare(queue="", exclusive=True)
+            relay.thaw()  # the silent connection was never closed, only held: the same socket works again
+            raw.channel().queue_declare(queue="", exclusive=True)
+            relay.close()  # now its peers see the end
+            with pytest.raises(OSError, match="closed"):
+                raw.channel().queue_declare(queue="", exclusive=True)
