@@ -11,6 +11,7 @@ only decides how many jobs there are, as dask-jobqueue's ``JobQueueCluster`` doe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -199,6 +200,7 @@ class DiracWorkers:
             on_answer=on_credentials,
         )
         self._started = self._closed = False
+        atexit.register(self.close)  # before the pool's own hook runs: the workers are stopped too
 
     def _worker_args(self) -> list[str]:
         args = ["worker", "--concurrency", str(self.settings.cores)]
@@ -317,6 +319,7 @@ class DiracWorkers:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         live = [j.job_id for j in self.pool.active()]
         try:
             self.pool.close()
