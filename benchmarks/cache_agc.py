@@ -2,8 +2,9 @@
 """Chunk cache benchmark: the AGC ttbar analysis without a cache, then cold and warm with MQExecutor(cache=...).
 
 Same fileset, same workers and the same ``Runner`` settings as ``benchmarks/coffea_runner.py`` (whose worker
-start-up and fileset this script reuses); three timed ``Runner`` calls, each in a new Runner (no in-memory
-metadata), from submitting the fileset to the merged output:
+start-up and fileset this script reuses); after an untimed warm-up run (the workers import coffea), three
+timed ``Runner`` calls, each in a new Runner (no in-memory metadata), from submitting the fileset to the
+merged output:
 
 - **no cache**: ``MQExecutor()``;
 - **cold**: ``MQExecutor(cache=URL)`` on an empty cache: every chunk runs and the workers write its record;
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with _mqexec_workers() as executor:
         reference = None
+        warm_up = processor.Runner(executor=executor, schema=NanoAODSchema, chunksize=args.chunksize, maxchunks=2)
+        warm_up(fileset, processor_instance=agc.TtbarAnalysis(), treename="Events")  # workers import coffea
         for name, ex in (
             ("no cache", executor),
             ("cache, cold (empty)", executor.copy(cache=cache)),
