@@ -41,6 +41,7 @@ import os
 import pickle
 import sys
 import sysconfig
+import time
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ __all__ = ["Cache", "MemoPlan", "Memoized", "args_key", "identity", "memo_key"]
 
 log = logging.getLogger("mqexec.cache")
 
+_DOWN_FOR = 60.0  #: seconds a lake that was unreachable is not tried again by this process
 ABOUT = "_about"  #: the record in every namespace that says what made it (read by ``mqexec cache ls``)
 _MAX_DEPTH = 8  #: how deep the hash looks into plain containers and instance dicts for sets to sort
 
@@ -149,7 +151,7 @@ def loads_detached(data: bytes) -> Any:
 
 
 def _canonical(obj: Any, pickler: _HashPickler, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
-    """``obj`` with sets made sorted tuples, looking into containers and instance dicts (hashing only)."""
+    """``obj`` with sets and dicts made sorted tuples, looking into containers and instance dicts (hashing only)."""
     if depth > _MAX_DEPTH or id(obj) in seen:
         return obj
     seen = seen | {id(obj)}
@@ -162,13 +164,15 @@ def _canonical(obj: Any, pickler: _HashPickler, depth: int = 0, seen: frozenset[
         return ("<set>", tuple(sorted((canon(x) for x in obj), key=pickler.dumps)))
     if kind in (list, tuple):
         return kind(canon(x) for x in obj)
-    if kind is dict:
-        return {k: canon(v) for k, v in obj.items()}
+    if kind is dict:  # equal dicts hash alike, whatever order their keys were inserted in
+        items = sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        return ("<dict>", tuple((canon(k), canon(v)) for k, v in items))
     if isinstance(obj, type | types.FunctionType | types.ModuleType | types.BuiltinFunctionType):
         return obj
-    state = getattr(obj, "__dict__", None)
-    if type(state) is dict and type(obj).__reduce_ex__ is object.__reduce_ex__:
-        return ("<object>", kind, canon(state))
+    if type(obj).__reduce_ex__ is object.__reduce_ex__ and hasattr(obj, "__dict__"):
+        state = obj.__getstate__()  # what pickling keeps (a class may leave attributes out)
+        if type(state) is dict:
+            return ("<object>", kind, canon(state))
     return obj
 
 
@@ -307,6 +311,7 @@ class Cache:
         self.storage_options = storage_options
         self._lakes: dict[str, Lake] = {}
         self._problems: dict[str, str] = {}  # first message per (operation, lake URL)
+        self._down: dict[str, float] = {}  # lake URL → until when it is not tried again (it was unreachable)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"urls": self.urls}
@@ -330,8 +335,13 @@ class Cache:
             self._lakes[url] = lake
         return self._lakes[url]
 
-    def _problem(self, what: str, url: str, exc: LakeError | str) -> None:
+    def _problem(self, what: str, url: str, exc: LakeError) -> None:
         self._problems.setdefault(f"{what} {url}", f"cache {what} failed: {exc}")
+        if exc.kind == "server unreachable":  # don't wait for its timeout again on every chunk
+            self._down[url] = time.monotonic() + _DOWN_FOR
+
+    def _up(self, url: str) -> bool:
+        return time.monotonic() >= self._down.get(url, 0.0)
 
     def problems(self) -> list[str]:
         """Each failure once, with its URL: ``["cache write failed: root://...: ... refused (...)"]``;
@@ -345,8 +355,8 @@ class Cache:
         wanted = set(keys)
         found: dict[str, str] = {}
         for url in self.urls:
-            if not wanted:
-                break
+            if not wanted or not self._up(url):
+                continue
             try:
                 listed = self.lake(url).cache_list(namespace)
             except LakeError as exc:
@@ -361,6 +371,8 @@ class Cache:
         """The record's payload from ``url`` (else the first lake that has it), checksum verified; None if
         it is absent, unreadable or corrupt (a corrupt one is noted and will be overwritten by the rerun)."""
         for candidate in [url] if url else self.urls:
+            if not self._up(candidate):
+                continue
             try:
                 data = self.lake(candidate).cache_get(namespace, key)
             except LakeError as exc:
@@ -372,9 +384,12 @@ class Cache:
 
     def store(self, namespace: str, key: str, data: bytes) -> str | None:
         """Write a record to the first lake; returns None, or the failure's one-line message (never raises)."""
+        if not self._up(self.write_url):
+            return self._problems.get(f"write {self.write_url}", f"cache write skipped: {self.write_url} is down")
         try:
             self.lake(self.write_url).cache_put(namespace, key, data)
         except LakeError as exc:
+            self._problem("write", self.write_url, exc)
             return f"cache write failed: {exc}"
         return None
 

@@ -13,38 +13,25 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netutil import free_port, listening
+from netutil import listening
 from workerproc import ROOT, Worker
 
 from mqexec.keys import Identity
 
 
 def _private_rabbit(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    port, dist = free_port(), free_port()
-    env = {
-        **os.environ,
-        "RABBITMQ_NODENAME": f"mqexec-test-{port}@localhost",
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(dist),
-        "RABBITMQ_MNESIA_BASE": str(tmp / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(tmp / "log"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(tmp / "plugins"),
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-    }
-    (tmp / "plugins").write_text("[].\n")
-    proc = subprocess.Popen(["rabbitmq-server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not listening("127.0.0.1", port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"a private rabbitmq-server node did not start (logs in {tmp / 'log'})")
-        time.sleep(0.5)
-    return f"amqp://guest:guest@127.0.0.1:{port}//", proc
+    """A private node from tests/rabbit.py; stopping its process stops it. Its data lives in the test run's own
+    directory (removed at exit), not in ``tmp``."""
+    from rabbit import PrivateNode
+
+    node = PrivateNode().start()
+    assert node.process is not None
+    return node.url(), node.process
 
 
 @pytest.fixture(scope="session")

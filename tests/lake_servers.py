@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import ssl
@@ -32,6 +33,8 @@ class LakeServer:
     local_dir: str
     auth: tuple[str, str] | None = None
     cafile: str | None = None
+    ca_dir: str | None = None  #: the CA as a hashed directory, for ``X509_CERT_DIR``
+    token: str | None = None  #: the bearer token it accepts (bearer-token servers)
 
     def storage_options(self) -> dict[str, Any]:
         """Options for ``Lake(url, **options)``; built fresh, so a child process can call it too."""
@@ -132,9 +135,23 @@ def _self_signed(top: str) -> tuple[str, str]:
     return cert, key
 
 
-@pytest.fixture(scope="session")
-def webdav_server() -> Iterator[LakeServer]:
-    """wsgidav (cheroot, TLS with a throw-away certificate, basic auth ``lake``/``secret``) on loopback."""
+class BearerGate:
+    """WSGI middleware in front of wsgidav: only ``Authorization: Bearer <token>`` gets through (401 else),
+    as a token-protected grid storage endpoint answers."""
+
+    def __init__(self, application: Any, token: str) -> None:
+        self.application, self.expected = application, f"Bearer {token}"
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("HTTP_AUTHORIZATION") != self.expected:
+            body = b"a valid bearer token is required"
+            start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self.application(environ, start_response)
+
+
+def _wsgidav(name: str, auth: dict[str, Any], token: str | None) -> Iterator[LakeServer]:
+    """A wsgidav server over TLS on loopback exporting a fresh directory; ``token``: behind a BearerGate."""
     try:
         import webdav4  # noqa: F401
         import wsgidav  # noqa: F401
@@ -144,32 +161,73 @@ def webdav_server() -> Iterator[LakeServer]:
         pytest.fail("openssl not found: apt-get install openssl", pytrace=False)
     import json
 
-    top = tempfile.mkdtemp(prefix="mqexec-webdav-")
+    top = tempfile.mkdtemp(prefix=f"mqexec-{name}-")
     export = os.path.join(top, "export")
     os.makedirs(export)
     cert, key = _self_signed(top)
+    ca_dir = os.path.join(top, "ca")
+    os.makedirs(ca_dir)
+    shutil.copy(cert, ca_dir)
+    subprocess.run(["openssl", "rehash", ca_dir], check=True, capture_output=True)
     port = free_port()
-    config = {
+    config: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
         "provider_mapping": {"/": export},
         "ssl_certificate": cert,
         "ssl_private_key": key,
-        "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
-        "simple_dc": {"user_mapping": {"*": {"lake": {"password": "secret"}}}},
         "verbose": 1,
         "logging": {"enable_loggers": []},
+        **auth,
     }
+    if token:
+        config["middleware_stack"] = [
+            "wsgidav.error_printer.ErrorPrinter",
+            {"class": "lake_servers.BearerGate", "kwargs": {"application": "${application}", "token": token}},
+            "wsgidav.http_authenticator.HTTPAuthenticator",
+            "wsgidav.request_resolver.RequestResolver",
+        ]
     cfg = os.path.join(top, "wsgidav.json")
     with open(cfg, "w") as f:
         json.dump(config, f)
     log = os.path.join(top, "wsgidav.log")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                                        os.environ.get("PYTHONPATH", "")]))  # fmt: skip
     with open(log, "wb") as logf:
         cmd = [sys.executable, "-m", "wsgidav.server.server_cli", "-c", cfg]
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_listening(proc, port, log)
-        yield LakeServer(f"davs://127.0.0.1:{port}", export, auth=("lake", "secret"), cafile=cert)
+        basic = auth.get("simple_dc", {}).get("user_mapping", {}).get("*", {})
+        user = next(iter(basic.items()), None) if isinstance(basic, dict) else None
+        yield LakeServer(
+            f"davs://127.0.0.1:{port}", export, auth=(user[0], user[1]["password"]) if user else None,
+            cafile=cert, ca_dir=ca_dir, token=token,
+        )  # fmt: skip
     finally:
         _stop(proc)
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def webdav_server() -> Iterator[LakeServer]:
+    """wsgidav (cheroot, TLS with a throw-away certificate, basic auth ``lake``/``secret``) on loopback."""
+    yield from _wsgidav(
+        "webdav",
+        {
+            "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
+            "simple_dc": {"user_mapping": {"*": {"lake": {"password": "secret"}}}},
+        },
+        None,
+    )
+
+
+@pytest.fixture(scope="session")
+def webdav_token_server() -> Iterator[LakeServer]:
+    """wsgidav over TLS that lets in only requests with ``Authorization: Bearer <server.token>``."""
+    yield from _wsgidav(
+        "webdav-token",
+        {"simple_dc": {"user_mapping": {"*": True}}, "http_authenticator": {"accept_digest": False,
+                                                                          "default_to_digest": False}},
+        "tok-" + secrets.token_hex(16),
+    )  # fmt: skip

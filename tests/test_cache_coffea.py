@@ -18,14 +18,14 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import pytest
-from lake_servers import LakeServer, free_port, webdav_server, xrootd_server
+from lake_servers import LakeServer, free_port, webdav_server, webdav_token_server, xrootd_server
 
 from mqexec.lake import Lake
 
 coffea_processor = pytest.importorskip("coffea.processor")
 from coffea.nanoevents import NanoAODSchema  # noqa: E402
 
-__all__ = ["webdav_server", "xrootd_server"]  # fixtures used by name below
+__all__ = ["webdav_server", "webdav_token_server", "xrootd_server"]  # fixtures used by name below
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNKSIZE = 5_000
@@ -123,6 +123,17 @@ def assert_identical(out: dict, ref: dict) -> None:
                 np.testing.assert_allclose(a["variance"], b["variance"], rtol=1e-12, err_msg=f"{region} {p} {v}")
 
 
+def _private_copy(fileset: dict, directory: Path) -> dict:
+    import shutil
+
+    directory.mkdir()
+    copy = {}
+    for name, entry in fileset.items():
+        files = {shutil.copy(path, directory): tree for path, tree in entry["files"].items()}
+        copy[name] = entry | {"files": files}
+    return copy
+
+
 def _records(local_dir: str) -> dict[str, list[str]]:
     """``{namespace: [record keys]}`` as they lie on the server's disk (no temporary files)."""
     top = Path(local_dir) / "cache"
@@ -138,6 +149,7 @@ def test_rerun_runs_nothing_processor_and_file_changes_rerun(
     workers = [start_worker("--concurrency", "2", "--loglevel", "INFO")]
     cache = f"{xrootd_server.url}/{tmp_path.name}"
     log = tmp_path / "executions.log"
+    fileset = _private_copy(fileset, tmp_path / "agc")  # one of its files is replaced below
 
     first = _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
     assert len(_executions(log)) == 12 and len(set(_executions(log))) == 12
@@ -258,3 +270,142 @@ def _env(values: dict[str, str]) -> Any:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class SlowCountingTtbar(CountingTtbar):
+    """Sleeps ``MQEXEC_TEST_DELAY`` seconds (the worker's environment) before each chunk."""
+
+    def process(self, events: Any) -> Any:
+        import time
+
+        time.sleep(float(os.environ.get("MQEXEC_TEST_DELAY", "0")))
+        return super().process(events)
+
+
+_CLIENT_SCRIPT = """
+import json, sys
+sys.path[:0] = {paths!r}
+import test_cache_coffea as t
+from mqexec import Client, MQExecutor
+args = json.loads(sys.argv[1])
+with Client(args["broker"], **args["settings"]) as client:
+    ex = MQExecutor(client=client, cache=args["cache"], save=args["save"], status=False)
+    t._run(args["fileset"], ex, t.SlowCountingTtbar(args["log"]))
+print("done")
+"""
+
+
+def test_resume_after_the_client_is_killed(
+    fileset, reference, broker_url, settings, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    """SIGKILL the client (and, like a lost session, its workers) half-way; the rerun runs only what is
+    missing and gives the output of an uninterrupted run."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from kombu import Connection
+
+    from mqexec.app import delete_topology
+    from mqexec.config import Config
+    from mqexec.outputs import load_output
+
+    script = tmp_path / "client.py"
+    script.write_text(_CLIENT_SCRIPT.format(paths=[str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]))
+    log = tmp_path / "executions.log"
+    cache = f"{xrootd_server.url}/{tmp_path.name}"
+    args = {"broker": broker_url, "settings": settings, "cache": cache, "log": str(log), "fileset": fileset}
+
+    def client(save: str | None) -> subprocess.Popen[str]:
+        argv = [sys.executable, str(script), json.dumps(args | {"save": save})]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    worker = start_worker("--concurrency", "2", env={"MQEXEC_TEST_DELAY": "0.4"})
+    first = client(None)
+    deadline = time.monotonic() + 120
+    while len(_executions(log)) < 4:  # about a third of the chunks are done
+        assert first.poll() is None, first.communicate()[0]
+        assert time.monotonic() < deadline, "the first run did not get going"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    worker.kill9()
+    with Connection(broker_url.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queue, gone
+        delete_topology(conn.channel(), Config.load(broker_url=broker_url, queue_prefix=settings["queue_prefix"]))
+    (ns,) = [p for p in Path(xrootd_server.local_dir, tmp_path.name, "cache").iterdir() if "chunks" in p.name]
+    stored = len([p for p in ns.iterdir() if p.name != "_about" and ".tmp-" not in p.name])
+    done_before = len(_executions(log))
+    assert 2 <= stored <= done_before < 12  # every chunk finished before the kill was kept
+
+    start_worker("--concurrency", "2")
+    saved = f"file://{tmp_path}/out/agc.coffea"
+    second = client(saved)
+    output, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, output
+    assert len(_executions(log)) - done_before == 12 - stored  # only the missing chunks ran
+    assert_identical(load_output(saved), reference)
+
+
+def test_token_protected_webdav_cache_and_save(
+    fileset, reference, client, start_worker, webdav_token_server: LakeServer, tmp_path, monkeypatch
+) -> None:
+    """Client and workers find the WLCG token and the CA directory in their environment; none travels."""
+    from mqexec import MQExecutor
+    from mqexec.outputs import load_output
+
+    server = webdav_token_server
+    (tmp_path / "token").write_text(server.token or "")
+    grid = {"BEARER_TOKEN_FILE": str(tmp_path / "token"), "X509_CERT_DIR": server.ca_dir or ""}
+    for name, value in grid.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("BEARER_TOKEN", raising=False)
+    start_worker("--concurrency", "2", env=grid)
+    cache, saved = f"{server.url}/{tmp_path.name}/cache", f"{server.url}/{tmp_path.name}/agc.coffea"
+    log = tmp_path / "executions.log"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a cache problem would be a warning
+        _run(fileset, MQExecutor(client=client, cache=cache, status=False), CountingTtbar(str(log)))
+        again = _run(fileset, MQExecutor(client=client, cache=cache, save=saved, status=False), CountingTtbar(str(log)))
+    assert len(_executions(log)) == 12  # the second run: all from the cache
+    assert_identical(again, reference)
+    assert_identical(load_output(saved), reference)
+    records = _records(os.path.join(server.local_dir, tmp_path.name, "cache"))
+    assert sorted(len(v) for v in records.values()) == [6, 12]
+
+
+def test_two_clients_at_once_never_tear_a_record(
+    fileset, reference, broker_url, settings, start_worker, xrootd_server: LakeServer, tmp_path
+) -> None:
+    import json
+    import subprocess
+
+    from mqexec.lake import Lake
+    from mqexec.outputs import load_output
+
+    script = tmp_path / "client.py"
+    script.write_text(_CLIENT_SCRIPT.format(paths=[str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]))
+    cache = f"{xrootd_server.url}/{tmp_path.name}"
+    log = tmp_path / "executions.log"
+    start_worker("--concurrency", "2")
+    start_worker("--concurrency", "2")
+    procs, saved = [], []
+    for i in range(2):
+        saved.append(f"file://{tmp_path}/out{i}.coffea")
+        args = {"broker": broker_url, "settings": settings, "cache": cache, "log": str(log), "fileset": fileset}
+        argv = [sys.executable, str(script), json.dumps(args | {"save": saved[-1]})]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output
+    for url in saved:
+        assert_identical(load_output(url), reference)
+    assert 12 <= len(_executions(log)) <= 24  # each chunk ran once or twice, never more
+    lake = Lake(cache)
+    records = _records(os.path.join(xrootd_server.local_dir, tmp_path.name))
+    (chunks,) = [ns for ns in records if ns.startswith("coffea-chunks-")]
+    assert len(records[chunks]) == 12
+    for key in records[chunks]:  # every record whole: its checksum matches
+        assert lake.cache_get(chunks, key) is not None
+    leftovers = list(Path(xrootd_server.local_dir, tmp_path.name).rglob("*.tmp-*"))
+    assert leftovers == []

@@ -6,17 +6,25 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from lake_servers import (
+    LakeServer,
+    free_port,
+    put_from_child,
+    webdav_server,
+    webdav_token_server,
+    xrootd_server,
+)
 
 from mqexec.errors import MQExecError
 from mqexec.lake import Lake, LakeError, LakeRef, cache_key, open_lake
-from tests.lake_servers import LakeServer, free_port, put_from_child, webdav_server, xrootd_server
 
-__all__ = ["webdav_server", "xrootd_server"]  # fixtures used by name below
+__all__ = ["webdav_server", "webdav_token_server", "xrootd_server"]  # fixtures used by name below
 
 
 @dataclass
@@ -231,3 +239,50 @@ def test_cache_key_is_unambiguous() -> None:
     assert cache_key("ab", "c") != cache_key("a", "bc")
     assert cache_key("p", 1, 2) == cache_key("p", "1", b"2")
     assert len(cache_key(b"")) == 64
+
+
+def test_bearer_token_discovery_order(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mqexec.lake_auth import bearer_token
+
+    for name in ("BEARER_TOKEN", "BEARER_TOKEN_FILE", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    (runtime / f"bt_u{os.geteuid()}").write_text("from-xdg\n")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert bearer_token() == "from-xdg"
+    (tmp_path / "tok").write_text("  from-file \n")
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(tmp_path / "tok"))
+    assert bearer_token() == "from-file"
+    monkeypatch.setenv("BEARER_TOKEN", "from-env")
+    assert bearer_token() == "from-env"
+
+
+def test_webdav_bearer_token(
+    webdav_token_server: LakeServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A WebDAV server that wants a WLCG token: the lake finds it the WLCG way, and never says it."""
+    server = webdav_token_server
+    assert server.token and server.ca_dir
+    for name in ("BEARER_TOKEN", "BEARER_TOKEN_FILE", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert not os.path.exists(f"/tmp/bt_u{os.geteuid()}"), "a stray token in /tmp would be used"
+    monkeypatch.setenv("X509_CERT_DIR", server.ca_dir)  # the grid's way to trust the server's CA
+    url = f"{server.url}/{uuid.uuid4().hex[:8]}"
+    with pytest.raises(LakeError, match="authentication/permission refused"):
+        Lake(url).put(b"no token")
+    (tmp_path / "token").write_text(server.token + "\n")
+    monkeypatch.setenv("BEARER_TOKEN_FILE", str(tmp_path / "token"))
+    lake = Lake(url)
+    ref = lake.put(b"with a token")
+    assert lake.get(ref) == b"with a token"
+    assert os.path.exists(os.path.join(server.local_dir, ref.url[len(server.url) + 1 :]))
+    assert server.token not in repr(lake) + repr(lake._store.fs.client.http.auth)
+
+    caplog.set_level("DEBUG")
+    wrong = "tok-wrong-" + "7" * 24
+    monkeypatch.setenv("BEARER_TOKEN", wrong)  # BEARER_TOKEN comes before the file
+    with pytest.raises(LakeError, match="refused") as e:
+        Lake(url).put(b"a wrong token")
+    text = "".join(traceback.format_exception(e.value)) + caplog.text
+    assert wrong not in text and server.token not in text

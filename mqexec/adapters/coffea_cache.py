@@ -147,7 +147,10 @@ def _item_key(kind: str, item: Any, file_id: str | None) -> str | None:
 
 def stage(cache: Cache, function: Callable[..., Any], items: Sequence[Any]) -> Stage | str:
     """The :class:`Stage` of Runner's ``items`` for ``function``, or why they cannot be cached (a sentence)."""
-    found = _run_identity(function)
+    try:
+        found = _run_identity(function)
+    except Exception as exc:  # a processor that cannot be pickled again here: run it, uncached
+        return f"cannot identify the processor ({type(exc).__name__}: {exc})"
     if isinstance(found, str):
         return found
     kind, namespace, about = found

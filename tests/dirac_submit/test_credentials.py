@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -149,3 +151,31 @@ def test_pool_puts_only_the_issued_credential_in_the_jdl_and_revokes_it_on_close
     assert job.stdout().strip() == issued
     pool.close()
     assert not any(name.startswith("dirac-submit-") for name in _users(url))
+
+
+@pytest.mark.parametrize("dirac_version", ["v9"])
+def test_cli_wrong_admin_password_is_one_line_and_not_a_proxy_problem(
+    management: tuple[str, str], pki: PKI, contract_server: TornadoContractServer, tmp_path: Path
+) -> None:
+    """``mqexec submit dirac --management-url``: a wrong admin password is said as that, in one line, exit 2."""
+    url, amqp = management
+    broker = amqp.replace("amqp://", "amqp://guest:guest@").format(vhost="")  # the private node's AMQP port
+    root = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "-m", "mqexec", "submit", "dirac", "--jobs", "1", "--url", contract_server.url]
+    argv += ["--proxy", str(pki.proxy), "--ca-dir", str(pki.ca_dir), "--broker", broker]
+    argv += ["--management-url", url, "--management-user", "guest", "--queue-prefix", "mqt-wrong-admin"]
+    env = {
+        **os.environ,
+        "MQEXEC_RABBITMQ_ADMIN_PASSWORD": "not-the-password",
+        "MQEXEC_SECRET": "k",
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "PYTHONPATH": str(root),
+    }
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"mqexec: error: the RabbitMQ management API at {url} refused the admin user 'guest' (PUT "
+        + re.search(r"/api/users/mqexec-boot-\d+-[0-9a-f]+", done.stderr).group(0)  # type: ignore[union-attr]
+        + "): wrong user name or password, or the user lacks the 'administrator' tag"
+    ]
+    assert contract_server.jobs == {}

@@ -14,7 +14,7 @@ from dirac_submit import JDLError, JobTemplate
 
 def test_jdl_attributes_survive_diracs_parser() -> None:
     template = JobTemplate(
-        ["mqexec", "worker", "--queue", "py3.11"],
+        ["mqexec", "worker", "--concurrency", "4"],
         name="workers",
         sites=["LCG.CERN.cern", "LCG.RAL.uk"],
         processors=4,
@@ -23,7 +23,7 @@ def test_jdl_attributes_survive_diracs_parser() -> None:
     )
     attrs = parse_jdl(template.to_jdl())
     assert attrs["Executable"] == "mqexec"
-    assert attrs["Arguments"] == "worker --queue py3.11"
+    assert attrs["Arguments"] == "worker --concurrency 4"
     assert attrs["JobName"] == "workers"
     assert attrs["Site"] == ["LCG.CERN.cern", "LCG.RAL.uk"]
     assert attrs["NumberOfProcessors"] == "4"

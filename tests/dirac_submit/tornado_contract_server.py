@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, unquote
 
 from dirac_pki import PKI
@@ -220,7 +220,7 @@ class TornadoContractServer:
             threading.Thread(target=self._schedule, daemon=True),
         ]
 
-    def __enter__(self) -> TornadoContractServer:
+    def __enter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for thread in self._threads:
             thread.start()

@@ -1,7 +1,7 @@
 """Reconstructed jets (``Jet``): detector response on the truth jets, pileup jets, b-tagging.
 
 ```
-TruthJets + their GenJet index -> response, pileup jets, > 15 GeV & |eta| < 4.7, b-tag -> RecoJets (flat)
+truth Jets + their GenJet index -> response, pileup jets, > 15 GeV & |eta| < 4.7, b-tag -> RecoJets (flat)
 RecoJets + jet -> lepton indices -> Jet collection (pT-sorted)
 ```
 """
@@ -14,22 +14,16 @@ import awkward as ak
 import numpy as np
 
 from .arrays import I4, collection, offsets, pareto, repeat_events, sort_in_events
-from .truthjets import TruthJets
+from .truthjets import Jets
 
 
 @dataclass(frozen=True)
-class RecoJets:
-    """Flat reconstructed jets of a block (generation order) and where each lands in the pT-sorted ``Jet``:
-    ``order`` permutes the flat arrays into the written order, ``counts`` per event, ``local[k]`` is jet
-    ``k``'s index within its event, ``offsets`` the start of each event's jets (plus the total)."""
+class RecoJets(Jets):
+    """Flat reconstructed jets of a block (generation order), their reconstruction-level columns, and where
+    each lands in the pT-sorted ``Jet``: ``order`` permutes the flat arrays into the written order, ``counts``
+    per event, ``local[k]`` is jet ``k``'s index within its event, ``offsets`` the start of each event's jets
+    (plus the total)."""
 
-    event: np.ndarray
-    pt: np.ndarray
-    eta: np.ndarray
-    phi: np.ndarray
-    mass: np.ndarray
-    hadron_flavour: np.ndarray
-    parton_flavour: np.ndarray
     genjet: np.ndarray
     jet_id: np.ndarray
     btag: np.ndarray
@@ -51,7 +45,7 @@ def _btag_csvv2(rng: np.random.Generator, hadron_flavour: np.ndarray, eta: np.nd
     return np.where(np.abs(eta) > 2.5, -10.0, value)
 
 
-def reconstruct(rng: np.random.Generator, truth: TruthJets, genjet_of_truth: np.ndarray, npvs: np.ndarray) -> RecoJets:
+def reconstruct(rng: np.random.Generator, truth: Jets, genjet_of_truth: np.ndarray, npvs: np.ndarray) -> RecoJets:
     """Smear the truth jets, add pileup jets (more with more primary vertices ``npvs``), keep those above
     15 GeV within |eta| < 4.7 and b-tag them."""
     n = len(npvs)

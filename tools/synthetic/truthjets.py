@@ -2,7 +2,7 @@
 
 ```
 process -> hard jets (top b-jets, W daughters, the t-channel forward jet ...) + radiation jets
-        -> TruthJets (flat, unsorted)  -> GenJet (> 10 GeV, |eta| < 5, pT-sorted) and its index per truth jet
+        -> Jets (flat, unsorted)  -> GenJet (> 10 GeV, |eta| < 5, pT-sorted) and its index per truth jet
 ```
 """
 
@@ -22,8 +22,8 @@ _Jets = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
-class TruthJets:
-    """Flat truth jets of a block (unsorted), one entry per jet."""
+class Jets:
+    """Flat jets of a block, one entry per jet: event index, kinematics, flavour (truth jets: unsorted)."""
 
     event: np.ndarray
     pt: np.ndarray
@@ -93,12 +93,12 @@ def _radiation_jets(rng: np.random.Generator, model: ProcessModel, n: int) -> _J
     return ev, pareto(rng, 15.0, 2.0, k), rng.normal(0, 1.8, k), h, p
 
 
-def generate(rng: np.random.Generator, process: str, model: ProcessModel, n_lep_true: np.ndarray) -> TruthJets:
+def generate(rng: np.random.Generator, process: str, model: ProcessModel, n_lep_true: np.ndarray) -> Jets:
     """The truth jets of ``process`` for events with ``n_lep_true`` leptonic W decays each."""
     parts = [*_HARD_JETS[process](rng, n_lep_true), _radiation_jets(rng, model, len(n_lep_true))]
     event = np.concatenate([x[0] for x in parts]).astype(np.int64)
     pt = np.concatenate([x[1] for x in parts])
-    return TruthJets(
+    return Jets(
         event=event,
         pt=pt,
         eta=np.clip(np.concatenate([x[2] for x in parts]), -6.0, 6.0),
@@ -109,7 +109,7 @@ def generate(rng: np.random.Generator, process: str, model: ProcessModel, n_lep_
     )
 
 
-def genjets(truth: TruthJets, n_events: int) -> tuple[ak.Array, np.ndarray]:
+def genjets(truth: Jets, n_events: int) -> tuple[ak.Array, np.ndarray]:
     """``(GenJet collection, GenJet index of each truth jet or -1)``: truth jets above 10 GeV within
     |eta| < 5, sorted by pT."""
     src = np.flatnonzero((truth.pt > 10.0) & (np.abs(truth.eta) < 5.0))
