@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -125,7 +126,7 @@ def test_memoized_calls_on_workers(client, start_worker, xrootd_server: LakeServ
     start_worker("--concurrency", "2")
     cache = Cache(f"{xrootd_server.url}/{tmp_path.name}")
     log = tmp_path / "calls.log"
-    calls = [((str(log), x), {}) for x in range(6)]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((str(log), x), {}) for x in range(6)]
 
     plan = cache.plan(_counted_square, calls)
     assert plan.hits == {}
