@@ -35,7 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import MQExecError
 
-__all__ = ["Entry", "Lake", "LakeError", "LakeRef", "cache_key", "open_lake"]
+# open_output: from mqexec.outputs, through the module's __getattr__
+__all__ = ["Entry", "Lake", "LakeError", "LakeRef", "cache_key", "open_lake", "open_output"]  # noqa: F822
 
 _WEBDAV = {"dav": "http", "davs": "https", "webdav": "https", "http": "http", "https": "https"}
 _XROOTD = {"root", "xroot"}
@@ -490,3 +491,12 @@ def open_lake(url: str | None, **storage_options: Any) -> Lake | None:
         hint = f"; did you mean {' or '.join(s + '://' for s in close)}?" if close else ""
         raise LakeError(f"{url}: unknown lake scheme {scheme!r}{hint}")
     return Lake(url, **storage_options)
+
+
+def __getattr__(name: str) -> Any:
+    """``mqexec.lake.open_output`` lives in :mod:`mqexec.outputs` (it needs the task's context)."""
+    if name == "open_output":
+        from .outputs import open_output
+
+        return open_output
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -125,7 +126,7 @@ def test_memoized_calls_on_workers(client, start_worker, xrootd_server: LakeServ
     start_worker("--concurrency", "2")
     cache = Cache(f"{xrootd_server.url}/{tmp_path.name}")
     log = tmp_path / "calls.log"
-    calls = [((str(log), x), {}) for x in range(6)]
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((str(log), x), {}) for x in range(6)]
 
     plan = cache.plan(_counted_square, calls)
     assert plan.hits == {}
@@ -235,3 +236,39 @@ def test_cache_cli_without_url(monkeypatch) -> None:
     monkeypatch.delenv("MQEXEC_CACHE_URL", raising=False)
     with pytest.raises(LakeError, match="no cache URL"):
         _cli("cache", "ls")
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def test_open_output_in_a_task_context(tmp_path: Path, monkeypatch) -> None:
+    """What the worker's ``task_context`` gives ``open_output``: the lake, and names from the task's key."""
+    from mqexec.lake import LakeError, open_output
+    from mqexec.outputs import task_context
+
+    lake = f"file://{tmp_path}/lake"
+    with task_context(lake, "chunk-key-1"):
+        with open_output("skims/s_{n}.txt") as f:
+            f.write(b"first")
+        with open_output("skims/s_{n}.txt") as g:
+            g.write(b"second")
+        with pytest.raises(ZeroDivisionError), open_output("skims/broken_{n}.txt") as h:
+            h.write(b"half")
+            1 / 0  # noqa: B018
+    assert f.url.startswith(f"{lake}/skims/s_") and g.url == f.url.replace(".txt", "-1.txt")
+    assert sorted(p.name for p in (tmp_path / "lake" / "skims").iterdir()) == sorted(
+        [f.url.rsplit("/", 1)[1], g.url.rsplit("/", 1)[1]]
+    )  # the broken one left nothing, not even a temporary file
+    with task_context(lake, "chunk-key-1"), open_output("skims/s_{n}.txt") as again:
+        again.write(b"rerun")  # the same task again: the same name, replaced
+    assert again.url == f.url and Path(f.url.removeprefix("file://")).read_bytes() == b"rerun"
+    with task_context(lake, "chunk-key-2"), open_output("skims/s_{n}.txt") as other:
+        other.write(b"other task")
+    assert other.url != f.url
+
+    monkeypatch.delenv("MQEXEC_LAKE_URL", raising=False)
+    with pytest.raises(LakeError, match="no data lake"):
+        open_output("x.txt")
+    with pytest.raises(ValueError, match="mode 'wb'"):
+        open_output(f"{lake}/x.txt", "w")
+    with open_output(f"{lake}/direct/x.txt") as d:  # a full URL needs no context
+        d.write(b"direct")
+    assert (tmp_path / "lake" / "direct" / "x.txt").read_bytes() == b"direct"

@@ -22,7 +22,7 @@ from lake_servers import (
 )
 
 from mqexec.errors import MQExecError
-from mqexec.lake import Lake, LakeError, LakeRef, cache_key, open_lake
+from mqexec.lake import Lake, LakeError, LakeRef, _Fsspec, cache_key, open_lake
 
 __all__ = ["webdav_server", "webdav_token_server", "xrootd_server"]  # fixtures used by name below
 
@@ -224,7 +224,7 @@ def test_open_lake(tmp_path: Any) -> None:
     lake = open_lake(str(tmp_path / "lake"))
     assert isinstance(lake, Lake) and lake.url == f"file://{tmp_path}/lake"
     assert lake.get(lake.put(b"plain path")) == b"plain path"
-    assert open_lake(f"file://{tmp_path}/x/").url == f"file://{tmp_path}/x"
+    assert Lake(f"file://{tmp_path}/x/").url == f"file://{tmp_path}/x"
     with pytest.raises(LakeError, match=r"rot://.*did you mean root://"):
         open_lake("rot://host//data")
     with pytest.raises(LakeError, match=r"did you mean davs://"):
@@ -277,6 +277,7 @@ def test_webdav_bearer_token(
     ref = lake.put(b"with a token")
     assert lake.get(ref) == b"with a token"
     assert os.path.exists(os.path.join(server.local_dir, ref.url[len(server.url) + 1 :]))
+    assert isinstance(lake._store, _Fsspec)
     assert server.token not in repr(lake) + repr(lake._store.fs.client.http.auth)
 
     caplog.set_level("DEBUG")

@@ -1,11 +1,13 @@
 """coffea's ``processor.Runner`` on mqexec workers: :class:`MQExecutor`, one small ``ExecutorBase`` dataclass.
 
     Runner ──(items, function, accumulator)──▶ MQExecutor.__call__
+        ──cache= only: items with a record in the lake are read here (coffea_cache.py), the rest go on──
         ──client.map(_Task(function), items, labels=[dataset/file [entries]])──▶ broker ──▶ workers
+              (cache=: a worker stores each output in the lake as soon as it is computed)
               (the function, with the lz4-pickled processor inside, is shipped once per worker by hash;
                a task message carries one WorkItem / FileMeta and its readable label)
         ◀──as_completed── lz4-pickled outputs ──▶ accumulate on the client as they arrive (memory flat)
-        ──▶ (accumulator, 0 | exception)
+        ──▶ (accumulator, 0 | exception)            (save=: written to the lake first)
 
 Runner drives the executor twice: preprocessing (``function_name="get_metadata"``, a set of ``FileMeta``) and
 chunk processing (``unit="chunk"``, a list of ``WorkItem``). Runner wraps the function in its
