@@ -114,6 +114,7 @@ _INTEGERS = (
 )
 _BOOLEANS = ("ship_code", "safe_results")
 _SECRETS = ("identity", "secret")  #: never printed, never in a message
+_LOCAL = ("cache_dir", "key_file")  #: paths of this machine
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,11 @@ class Config:
         secret = self.trust().token() if (self.identity or self.secret) else self.signer().trust.token()
         return self.replace(identity="", key_file="", secret=secret, **changes)
 
-    def to_env(self) -> dict[str, str]:
-        """``{"MQEXEC_CONFIG": <this config as JSON>}``, for a process mqexec starts (see :meth:`load`)."""
-        return {CONFIG_ENV: json.dumps(dataclasses.asdict(self))}
+    def to_env(self, *, portable: bool = False) -> dict[str, str]:
+        """``{"MQEXEC_CONFIG": <this config as JSON>}``, for a process mqexec starts (see :meth:`load`);
+        ``portable``: without what belongs to this machine (its cache folder, key file), for another one."""
+        values = dataclasses.asdict(self)
+        if portable:
+            for name in _LOCAL:
+                values.pop(name)
+        return {CONFIG_ENV: json.dumps(values)}

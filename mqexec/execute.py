@@ -100,7 +100,9 @@ class Executor:
             return self.blobs.get(ref.blob, ref.size, ref.pieces)
         from .lake import LakeRef
 
-        assert ref.lake is not None and self._task_lake is not None, "a data-lake value came with a task that names no lake"
+        assert ref.lake is not None and self._task_lake is not None, (
+            "a data-lake value came with a task that names no lake"
+        )
         return bytes(self._lake(self._task_lake).get(LakeRef.from_dict(ref.lake)))
 
     def _function(self, ref: Ref) -> Any:

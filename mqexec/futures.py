@@ -240,6 +240,9 @@ class Future:
         noticed(self.key)
         return (dependency, (self.key,))
 
+    def __dask_tokenize__(self) -> tuple[str, Any]:
+        return ("mqexec.Future", self.key)
+
     def __hash__(self) -> int:
         return hash(self.key)
 

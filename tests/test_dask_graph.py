@@ -253,7 +253,6 @@ def test_persist_holds_futures_and_later_computations_reuse_them(worker, client,
     assert len(done) == 10 and not not_done
     assert (tmp_path / "ours").read_text().count("call") == 10
     expected = dask.compute(x.sum(), x[::7], scheduler="sync")  # runs tick 10 more times, in this process
-    # not optimized: dask's array optimizer would fuse the futures into tasks (see the xfail test below)
     got = dask.compute(xp.sum(), xp[::7], scheduler=client.get, optimize_graph=False)
     assert got[0] == expected[0]
     np.testing.assert_array_equal(got[1], expected[1])
@@ -306,22 +305,12 @@ def test_a_future_as_a_graph_value_is_passed_along(worker, client):
     assert futs[0].key == fut.key and futs[1].result(timeout=60) == 84
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a future inside a task's arguments pickles to its key string (issue 11, wrong answers 1); "
-    "the core rewrite makes workers resolve it to the value. Remove this mark when that lands.",
-)
 def test_a_future_inside_a_task_reaches_the_function_as_its_value(worker, client):
     fut = client.submit(double, 21)
     assert client.get({"y": (double, fut)}, "y") == 84
     assert dask.compute(dask.delayed(double)(fut), scheduler=client.get) == (84,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: dask's array optimizer fuses a persisted array's futures into the tasks that read them, "
-    "where they pickle to their key strings (issue 11, wrong answers 1). Remove this mark when the core lands.",
-)
 def test_a_persisted_array_whose_futures_dask_fuses_into_tasks(worker, client):
     xp = mqdask.persist(client, da.arange(1000, chunks=100) ** 2)
     assert client.compute(xp.max()).result(timeout=60) == 999**2

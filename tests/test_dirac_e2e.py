@@ -46,6 +46,7 @@ from mqexec.dirac import (
     worker_environment,
 )
 from mqexec.dirac.state import config_of
+from mqexec.keys import Identity as SigningIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
 HZZ = ROOT.parent / "shared" / "data" / "uproot-HZZ.root"
@@ -175,16 +176,18 @@ def _gone(job: Any, timeout: float = 20) -> bool:
     return False
 
 
-def _assert_no_secrets(server: RecordingServer, broker_url: str, secret: str) -> None:
-    """Neither the broker password nor the signing key is in any JDL, nor anywhere in any request to DIRAC."""
+def _assert_no_secrets(server: RecordingServer, broker_url: str, identity: str) -> None:
+    """Neither the broker password nor the signing identity (nor the workers' token) is in any JDL, nor anywhere
+    in any request to DIRAC."""
     password = urlsplit(broker_url).password or ""
+    token = SigningIdentity.parse(identity).trust.token()
     assert server.jdls
     requests = json.dumps(server.forms)
     for jdl in server.jdls:
-        for value in {password, quote(password, safe=""), secret, quote(secret, safe="")}:
+        for value in {password, quote(password, safe=""), identity, token, *token.split(".")[1:]}:
             assert value and value not in jdl, f"{value!r} is in the JDL:\n{jdl}"
             assert value not in requests, f"{value!r} was sent to DIRAC"
-        assert "MQEXEC_SECRET" not in jdl and "MQEXEC_BROKER_URL" not in jdl
+        assert "MQEXEC_SECRET" not in jdl and "MQEXEC_BROKER_URL" not in jdl and "MQEXEC_CONFIG" not in jdl
         assert BOOT_URL_ENV in jdl  # only the bootstrap account, which can do nothing but say hello
 
 
@@ -207,7 +210,7 @@ def _workers(
             proxy=str(pki.proxy),
             ca_dir=str(pki.ca_dir),
             dirac_setup=server.setup,
-            secret=str(settings["secret"]),
+            identity=str(settings["identity"]),
             config=Config.load(queue_prefix=settings["queue_prefix"]),
             command=(sys.executable, "-m", "mqexec"),
             **options,
@@ -216,7 +219,7 @@ def _workers(
 
 
 def _cli_env(tmp_path: Path, settings: dict[str, object]) -> dict[str, str]:
-    return {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "MQEXEC_SECRET": str(settings["secret"])}
+    return {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "MQEXEC_IDENTITY": str(settings["identity"])}
 
 
 def _submit_argv(
@@ -289,7 +292,7 @@ def test_contract_scale_run_close(
         workers.close()
     assert all(_gone(j) for j in server.jobs.values()), "worker processes survived close()"
     assert {j.status for j in server.jobs.values()} == {"Killed"}
-    _assert_no_secrets(server, broker_url, str(settings["secret"]))
+    _assert_no_secrets(server, broker_url, str(settings["identity"]))
     assert getattr(workers.pool.secrets, "user", "?") is None  # the bootstrap user was deleted
 
 
@@ -359,12 +362,15 @@ def test_reply_forged_by_another_person_is_rejected(pki: PKI) -> None:
 
 def test_worker_environment_is_all_that_travels() -> None:
     """One function decides what key material reaches a job's worker (sealed; nothing of it in a JDL)."""
-    cfg = Config.load(broker_url="amqps://u:pw@broker.example.org:5671/v", secret="k3y", queue_prefix="ana")
-    assert worker_environment(cfg) == {
-        "MQEXEC_BROKER_URL": "amqps://u:pw@broker.example.org:5671/v",
-        "MQEXEC_SECRET": "k3y",
-        "MQEXEC_QUEUE_PREFIX": "ana",
-    }
+    me = SigningIdentity.new()
+    cfg = Config.load(broker_url="amqps://u:pw@broker.example.org:5671/v", identity=me.text(), queue_prefix="ana")
+    env = worker_environment(cfg)
+    assert list(env) == ["MQEXEC_CONFIG"]
+    sent = json.loads(env["MQEXEC_CONFIG"])
+    assert sent["broker_url"] == "amqps://u:pw@broker.example.org:5671/v" and sent["queue_prefix"] == "ana"
+    assert sent["secret"] == me.trust.token() and not sent["identity"]  # verifies tasks, cannot sign one
+    assert "cache_dir" not in sent and "key_file" not in sent  # this machine's paths stay here
+    assert me.text() not in env["MQEXEC_CONFIG"]
 
 
 @pytest.mark.parametrize("dirac_version", ["v9"])
@@ -462,7 +468,7 @@ def test_contract_cli_submit_jobs_kill(
     assert all(_gone(j) for j in server.jobs.values())
     assert {j.status for j in server.jobs.values()} == {"Killed"}
     assert 'Site = {"LCG.UKI-SOUTHGRID-RALPP.uk", "LCG.UKI-LT2-Brunel.uk"}' in server.jdls[0]
-    _assert_no_secrets(server, broker_url, str(settings["secret"]))
+    _assert_no_secrets(server, broker_url, str(settings["identity"]))
     print("\n".join(out))  # the time to the first worker, as docs/dirac.md quotes it (pytest -s)
 
 
@@ -604,7 +610,6 @@ def _stamp(path: str) -> None:
     time.sleep(0.3)
 
 
-@pytest.mark.xfail(raises=ImportError, strict=True, reason="needs mqexec.control.stop_workers from the core rewrite")
 @pytest.mark.parametrize("how", ["jobs kill", "close()"])
 def test_contract_no_task_starts_on_a_killed_jobs_worker_after_the_kill_returns(
     server: RecordingServer,
@@ -618,8 +623,6 @@ def test_contract_no_task_starts_on_a_killed_jobs_worker_after_the_kill_returns(
     """DIRAC's kill reaches a running payload only at its watchdog's next heartbeat (here: 120 s later). So
     ``mqexec jobs kill`` and ``close()`` also tell exactly the killed jobs' workers, through the broker, to stop
     taking tasks: none starts one after the kill returns, while the job's process still runs."""
-    from mqexec.control import stop_workers  # type: ignore[import-not-found]  # noqa: F401 - the core rewrite's
-
     server.kill_delay = 120.0
     stamps = tmp_path / "stamps"
     stamps.touch()
@@ -690,10 +693,10 @@ def test_state_file_is_private_whatever_the_umask(
     assert record["jobs"] == sorted(server.jobs)
     cfg = config_of(record)
     assert cfg is not None
-    assert (cfg.broker_url, cfg.queue_prefix, cfg.secret) == (
+    assert (cfg.broker_url, cfg.queue_prefix, cfg.identity) == (
         broker_url,
         settings["queue_prefix"],
-        str(settings["secret"]).encode(),
+        settings["identity"],
     )
 
 

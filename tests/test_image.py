@@ -24,6 +24,7 @@ import pytest
 import mqexec
 from mqexec import image
 from mqexec.errors import ConfigError
+from mqexec.keys import Identity
 
 TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 REPO = Path(__file__).resolve().parent.parent
@@ -225,7 +226,7 @@ def test_entrypoint_runs_a_worker_on_the_host(
         **os.environ,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),  # this interpreter's mqexec
         "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
-        "MQEXEC_SECRET": str(settings["secret"]),
+        "MQEXEC_SECRET": Identity.parse(str(settings["identity"])).trust.token(),
         "MQEXEC_CACHE_DIR": str(tmp_path / "worker-cache"),
         "MQEXEC_LAKE_URL": "",
     }

@@ -7,12 +7,10 @@ import threading
 import time
 from pathlib import Path
 
-import cloudpickle
 import pytest
-
-import mqexec
 from forge import make_task, publish
 
+import mqexec
 from mqexec.config import Config
 from mqexec.keys import Identity
 from mqexec.ledger import CallRecord, MessageRecord
@@ -52,7 +50,9 @@ def test_poison_task_is_dead_lettered_and_the_rest_completes(start_worker, clien
     start_worker("--concurrency", "1")
     poison = client.submit(die)
     healthy = client.map(lambda x: x + 1, range(50))
-    with pytest.raises(mqexec.TaskDeadLettered, match=r"die\(\).*started 4 times and its worker died every time \(on w0-.*exitcode 3"):
+    with pytest.raises(
+        mqexec.TaskDeadLettered, match=r"die\(\).*started 4 times and its worker died every time \(on w0-.*exitcode 3"
+    ):
         poison.result(timeout=120)
     assert client.gather(healthy) == list(range(1, 51))
 

@@ -497,11 +497,13 @@ def _schedule(
     return p, out, constants
 
 
-def _future_key(dask_key: Any, fallback: str) -> str:
+def _future_key(dask_key: Any, fallback: str) -> Any:
     """The key of the future of one dask key's value: the dask key itself, as in distributed (the same key
-    gives the same future while one is held) — for string keys; a tuple key gets ``fallback`` until
-    :meth:`Client.submit` takes tuple keys (issue 11)."""
-    return dask_key if isinstance(dask_key, str) else fallback
+    gives the same future while one is held); ``fallback`` for a key that is neither a string nor a tuple."""
+    valid = isinstance(dask_key, str) or (
+        isinstance(dask_key, tuple) and all(isinstance(k, str | int | float) for k in dask_key)
+    )
+    return dask_key if valid else fallback
 
 
 def _futures_for(client: Client, dsk: Any, keys: Any, **options: Any) -> dict[Any, Future]:

@@ -112,7 +112,7 @@ def _cli_submit(args: argparse.Namespace) -> int:
     setup_logging("INFO")
     if not args.url:
         raise ConfigError("no DIRAC server: pass --url https://host:8443 or set DIRAC_URL")
-    cfg = Config.load(broker_url=args.broker, queue_prefix=args.queue_prefix).with_secret()
+    cfg = Config.load(broker_url=args.broker, queue_prefix=args.queue_prefix)
     bootstrap = args.bootstrap or _management_bootstrap(args)
     if bootstrap is None:
         raise ConfigError(

@@ -47,16 +47,16 @@ _HOSTNAME = re.compile(r"^mqexec-[^@]*-(\d+)@")
 
 def worker_environment(cfg: Config) -> dict[str, str]:
     """The environment variables the key service hands each job's worker, sealed: the one place that decides
-    which key material travels to the grid (nothing of it is in any JDL or request).
+    which key material travels to the grid (nothing of it is in any JDL or request). The worker gets the run's
+    whole config (``MQEXEC_CONFIG``) with the identity's verifying half only: it can check tasks and sign
+    results, never sign a task.
 
-    >>> sorted(worker_environment(Config.load(broker_url="amqp://u:p@h//", secret="k")))
-    ['MQEXEC_BROKER_URL', 'MQEXEC_QUEUE_PREFIX', 'MQEXEC_SECRET']
+    >>> from mqexec.keys import Identity
+    >>> env = worker_environment(Config.load(broker_url="amqp://u:p@h//", identity=Identity.new().text()))
+    >>> sorted(env), "mqxk1" in env["MQEXEC_CONFIG"]
+    (['MQEXEC_CONFIG'], False)
     """
-    return {
-        "MQEXEC_BROKER_URL": cfg.broker_url or "",
-        "MQEXEC_SECRET": cfg.secret.decode(),
-        "MQEXEC_QUEUE_PREFIX": cfg.queue_prefix,
-    }
+    return cfg.for_worker().to_env(portable=True)
 
 
 def dirac_job_id(environ: Mapping[str, str] = os.environ) -> str | None:

@@ -24,7 +24,7 @@ from ..errors import MQExecError
 if TYPE_CHECKING:
     from dirac_submit import Transport
 
-_CONFIG_FIELDS = ("broker_url", "secret", "queue_prefix", "env")  #: what a run's workers are told apart by
+_CONFIG_FIELDS = ("broker_url", "identity", "queue_prefix", "env")  #: what `jobs kill` needs to reach and sign
 
 
 def state_path() -> Path:
@@ -68,9 +68,7 @@ def _private(path: Path) -> Path:
 
 def config_record(cfg: Config) -> dict[str, str]:
     """The part of a run's config that its workers are told apart and addressed by (kept in the state file)."""
-    values = {name: getattr(cfg, name) for name in _CONFIG_FIELDS}
-    values["secret"] = values["secret"].decode()
-    return values
+    return {name: getattr(cfg, name) for name in _CONFIG_FIELDS}
 
 
 def config_of(record: dict[str, Any]) -> Config | None:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from ..config import Config, parse_duration
 from ..errors import BrokerError, ConfigError, MQExecError
+from ..keys import Identity as SigningIdentity
 from .keys import (
     BOOT_QUEUE_ENV,
     KeyService,
@@ -73,7 +74,8 @@ class DiracSettings:
         sites, cores, tags, image: where jobs run, ``NumberOfProcessors`` (= worker ``--concurrency``), JDL
             ``Tags``, and an Apptainer image (``apptainer exec --bind /cvmfs``).
         walltime, idle_timeout: the workers' ``--max-walltime`` and ``--idle-timeout`` (seconds, or "24h").
-        secret: task-signing key for this run (default: ``config``'s key if given, else a fresh random one).
+        identity: the run's signing identity (``mqexec.keys.Identity`` text; default: ``config``'s if it has one,
+            else a fresh one for this run alone — its workers trust nothing else).
         config: other mqexec settings (e.g. ``Config.load(queue_prefix="ana")``).
         command: how the job starts mqexec (``("mqexec",)``; e.g. ``("python3", "-m", "mqexec")``).
         boot_timeout: how long a starting job waits for its credentials.
@@ -95,7 +97,7 @@ class DiracSettings:
     image: str | None = None
     walltime: float | str | None = "24h"
     idle_timeout: float | str | None = "10m"
-    secret: str | bytes | None = None
+    identity: str | None = None
     config: Config | None = None
     command: Sequence[str] = ("mqexec",)
     boot_timeout: float = 900.0
@@ -156,8 +158,10 @@ class DiracWorkers:
 
         self.settings = s = settings
         base = s.config or Config.load()
-        secret = s.secret or (base.secret if s.config is not None and base.secret else secrets.token_hex(32))
-        self.cfg = cfg = base.replace(broker_url=s.broker or base.broker_url, secret=secret)
+        identity = s.identity or (
+            base.identity if s.config is not None and base.identity else SigningIdentity.new().text()
+        )
+        self.cfg = cfg = base.replace(broker_url=s.broker or base.broker_url, identity=identity, secret="")
         if cfg.broker_url is None or not urlsplit(cfg.broker_url).scheme.startswith("amqp"):
             raise ConfigError(
                 "DiracWorkers needs a RabbitMQ the grid can reach: pass broker='amqps://user:pw@host/"
@@ -310,7 +314,7 @@ class DiracWorkers:
         """A :class:`mqexec.Client` on this run's broker, queue prefix and signing key."""
         from ..client import Client
 
-        settings = {"secret": self.cfg.secret, "queue_prefix": self.cfg.queue_prefix, **settings}
+        settings = {"identity": self.cfg.identity, "queue_prefix": self.cfg.queue_prefix, **settings}
         return Client(self.cfg.broker_url, **settings)
 
     def close(self) -> None:
@@ -344,15 +348,8 @@ def halt_workers(cfg: Config, job_ids: Sequence[int], timeout: float = 5.0) -> l
     this the killed jobs' workers keep taking tasks. A broker that cannot be reached is logged, not raised: the
     jobs are killed in DIRAC either way.
     """
-    try:
-        from ..control import stop_workers  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        log.warning(
-            "the workers of the %d killed job(s) keep taking tasks until DIRAC's watchdog stops them (up to "
-            "30 min): this mqexec cannot stop them through the broker yet (no mqexec.control.stop_workers)",
-            len(job_ids),
-        )
-        return []
+    from ..control import stop_workers
+
     try:
         return list(stop_workers(cfg, dirac_jobs=list(job_ids), timeout=timeout))
     except BrokerError as exc:
