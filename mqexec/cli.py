@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--basic-auth", help="user:password required by the web UI")
     f.set_defaults(run=_flower)
 
-    from .dirac import register_cli
+    from . import cache_cli, dirac, image
 
-    register_cli(sub)
+    for module in (dirac, image, cache_cli):
+        module.register_cli(sub)
     return parser
 
 

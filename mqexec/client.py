@@ -17,6 +17,7 @@ inline, big ones shipped once as blobs or read from the data lake by the worker)
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import logging
 import pickle
@@ -27,11 +28,12 @@ import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from concurrent.futures import Future as StdFuture
+from dataclasses import dataclass
 from typing import Any
 
 from .broker import connect, redact
 from .config import Config
-from .errors import SerializationError
+from .errors import ConfigError, SerializationError
 from .futures import Future, futures_of
 from .ledger import CallRecord, Function, Ledger
 from .topology import blob_queue_name, results_queue_name, task_queue_name
@@ -80,6 +82,18 @@ def _dumps(obj: Any, what: str) -> bytes:
     except Exception as exc:
         raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from None
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How the calls of one submit/map are run (see :meth:`Client.submit`)."""
+
+    pure: bool = True
+    retries: int = 0
+    resources: dict[str, float] | None = None
+    batch_size: int = 1
+    safe: bool | None = None
+    cache: bool = False
 
 
 class Client:
@@ -148,6 +162,8 @@ class Client:
         priority: int = 0,
         resources: dict[str, float] | None = None,
         label: str | None = None,
+        safe: bool | None = None,
+        cache: bool = False,
         workers: Any = None,
         allow_other_workers: bool = False,
         fifo_timeout: Any = None,
@@ -165,6 +181,9 @@ class Client:
             priority: accepted for ``distributed`` compatibility; quorum queues (RabbitMQ 3.x) are FIFO.
             resources: e.g. ``{"GPU": 1}`` routes to workers started with ``--resources GPU=1``.
             label: a readable name for logs and Flower (default: the call, shortened).
+            safe: unpickle the result through the allow-list (:func:`mqexec.allow`); default ``safe_results``.
+            cache: memoize in the client's ``cache_url`` lake(s), keyed by the function's code and the arguments
+                (a call run before, by anyone writing there, is not run again).
             workers, allow_other_workers, fifo_timeout: accepted for ``distributed`` compatibility; mqexec
                 workers take tasks from a shared queue, so placement cannot be chosen (docs/compatibility.md).
 
@@ -176,17 +195,9 @@ class Client:
                 "mqexec cannot place a task on given workers (workers=...): any worker of the queue runs it",
                 stacklevel=2,
             )
-        return self._submit(
-            fn,
-            [(args, kwargs)],
-            [_check_key(key)] if key is not None else None,
-            None,
-            pure,
-            retries or 0,
-            resources,
-            [label] if label else None,
-            batch_size=1,
-        )[0]
+        keys = [_check_key(key)] if key is not None else None
+        options = _Options(pure, retries or 0, resources, 1, safe, cache)
+        return self._submit(fn, [(args, kwargs)], keys, None, [label] if label else None, options)[0]
 
     def map(
         self,
@@ -199,6 +210,8 @@ class Client:
         resources: dict[str, float] | None = None,
         batch_size: int | None = None,
         labels: list[str] | None = None,
+        safe: bool | None = None,
+        cache: bool = False,
         workers: Any = None,
         allow_other_workers: bool = False,
         fifo_timeout: Any = None,
@@ -208,7 +221,7 @@ class Client:
 
         Small calls are batched into fewer broker messages (``batch_size``; default: about 200 messages per
         map, at most 50 calls each); each call keeps its own future. ``key``: a prefix of the keys (as in
-        ``distributed``) or the list of keys.
+        ``distributed``) or the list of keys. ``safe``, ``cache``: as for :meth:`submit`.
 
         >>> sum(client.gather(client.map(lambda x: x * x, range(1000))))    # doctest: +SKIP
         332833500
@@ -220,7 +233,8 @@ class Client:
         if batch_size is None:
             batch_size = max(1, min(50, -(-len(calls) // 200)))
         prefix = key if isinstance(key, str) else None
-        return self._submit(fn, calls, keys, prefix, pure, retries or 0, resources, labels, batch_size)
+        options = _Options(pure, retries or 0, resources, batch_size, safe, cache)
+        return self._submit(fn, calls, keys, prefix, labels, options)
 
     def _submit(
         self,
@@ -228,22 +242,22 @@ class Client:
         calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
         keys: list[Key] | None,
         prefix: str | None,
-        pure: bool,
-        retries: int,
-        resources: dict[str, float] | None,
         labels: list[str] | None,
-        batch_size: int,
+        options: _Options,
     ) -> list[Future]:
         if self.status != "running":
             raise RuntimeError(f"this client is {self.status}")
         if not callable(fn):
             raise TypeError(f"first argument must be callable, got {fn!r}")
         name = _funcname(fn)
+        if options.cache:
+            return self._submit_memoized(fn, name, calls, keys, prefix, labels, options)
         with collecting() as fn_deps:
             pickled = _dumps(fn, f"the function {name!r} ({fn!r})")
         function = self._function(pickled, name)
-        resource = ",".join(sorted(resources)) if resources else None
-        group = self._ledger.new_group() if batch_size > 1 else 0
+        resource = ",".join(sorted(options.resources)) if options.resources else None
+        group = self._ledger.new_group() if options.batch_size > 1 else 0
+        safe = self.config.safe_results if options.safe is None else options.safe
         futures: list[Future] = []
         for i, (args, kwargs) in enumerate(calls):
             with collecting() as deps:
@@ -252,19 +266,55 @@ class Client:
                 key = keys[i]
             else:
                 token = sha256(f"{function.hash}:{function.code.blob if function.code else ''}".encode() + payload)
-                key = f"{prefix or name}-{token[:32] if pure else uuid.uuid4().hex}"
+                key = f"{prefix or name}-{token[:32] if options.pure else uuid.uuid4().hex}"
             state, new = self._ledger.state(key)
             futures.append(Future(key, state, self))
             if not new:
                 continue
             label = labels[i] if labels else _label(name, args, kwargs)
-            args_ref = self._ref(payload)
-            self._ledger.add(
-                CallRecord(
-                    key, label, function, args_ref, frozenset(deps | fn_deps), retries, resource, group, batch_size
-                )
-            )
+            deps_all = frozenset(deps | fn_deps)
+            call = CallRecord(key, label, function, self._ref(payload), deps_all, options.retries, resource, group)
+            call.batch, call.safe = options.batch_size, safe
+            self._ledger.add(call)
         self._courier.wake()
+        return futures
+
+    def _submit_memoized(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        keys: list[Key] | None,
+        prefix: str | None,
+        labels: list[str] | None,
+        options: _Options,
+    ) -> list[Future]:
+        """``cache=True``: calls found in the cache are finished futures at once; the others run as a worker-side
+        wrapper that stores their results (``mqexec.cache.Memoized``)."""
+        from .cache import Cache
+
+        if not self.config.cache_url:
+            raise ConfigError("cache=True needs a cache: Client(cache_url='root://host//path') or MQEXEC_CACHE_URL")
+        if futures_of([args_kwargs for args_kwargs in calls]):
+            raise ValueError(f"cache=True memoizes {name}() by the values of its arguments: pass values, not futures")
+        plan = Cache(self.config.cache_url.split(",")).plan(fn, calls)
+        futures: list[Future] = []
+        plain = dataclasses.replace(options, cache=False)
+        for i, (args, kwargs) in enumerate(calls):
+            key = keys[i] if keys is not None else f"{prefix or name}-{plan.keys[i][:32]}"
+            label = labels[i] if labels else _label(name, args, kwargs)
+            if i not in plan.hits:
+                call = [((plan.keys[i], *args), kwargs)]
+                futures += self._submit(plan.function, call, [key], None, [label], plain)
+                continue
+            state, new = self._ledger.state(key)
+            if new:
+                value = plan.hits[i]
+                with self._ledger.lock:
+                    self._ledger.values[key] = self._ref(_dumps(value, f"the cached result of {label}"))
+                state.finish(value, f"{type(value).__module__}.{type(value).__qualname__}")
+                self._ledger.counts["cache_hits"] += 1
+            futures.append(Future(key, state, self))
         return futures
 
     def _function(self, pickled: bytes, name: str) -> Function:
@@ -374,10 +424,9 @@ class Client:
                 log.warning("could not tell the workers to drop %d cancelled task(s): %s", len(revoke), exc)
         return any_pending
 
-    def _loader(self, data: bytes | None, ref: Ref) -> Callable[[], Any]:
-        """How a result is unpickled on first use: fetched from the lake if it went there; restricted if
-        ``safe_results``."""
-        safe = self.config.safe_results
+    def _loader(self, data: bytes | None, ref: Ref, safe: bool) -> Callable[[], Any]:
+        """How a result is unpickled on first use: fetched from the lake if it went there; through the
+        allow-list if ``safe``."""
 
         def load() -> Any:
             raw = data if data is not None else self._from_lake(ref)
@@ -398,6 +447,21 @@ class Client:
         lake = open_lake(self.config.lake_url or ref.lake["url"])
         assert lake is not None
         return bytes(lake.get(LakeRef.from_dict(ref.lake)))
+
+    def stats(self) -> dict[str, Any]:
+        """What this session did so far, for a run summary: outcomes per worker and site, resends, dead letters.
+
+        >>> client.stats()["by_worker"]          # doctest: +SKIP
+        {'mqexec-py3.11-123@wn042': 512, ...}
+        """
+        with self._ledger.lock:
+            return {
+                "session": self.session,
+                "counts": dict(self._ledger.counts),
+                "by_worker": dict(self._ledger.by_worker),
+                "by_site": dict(self._ledger.by_site),
+                "in_flight": len(self._ledger.calls),
+            }
 
     # -- the call, again, here -----------------------------------------------------------------------------------
 

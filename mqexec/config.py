@@ -150,6 +150,7 @@ class Config:
     task_ttl: float = 7 * 86400.0  #: a task message older than this is refused (bounds replay memory)
     no_worker_grace: float = 5.0  #: how long a client waits before saying no worker serves its env
     lake_url: str | None = None  #: data lake for big results (file://, root://, davs://)
+    cache_url: str | None = None  #: lake(s) of memoized calls (``cache=True``): ``URL[,URL...]``, the first written
     result_inline_limit: int = 1 << 20  #: results above this go to the lake, when one is configured
     piece_size: int = 8 << 20  #: without a lake, results above this travel in pieces of this size
     cache_dir: str = field(default_factory=_default_cache_dir)

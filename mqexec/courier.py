@@ -482,7 +482,9 @@ class Courier(threading.Thread):
             self._pieces.setdefault((head["msg"], key_from_json(head["k"])), {})[int(head["i"])] = frame.parts[0]
         elif frame.kind == "result":
             mid = str(head.get("msg"))
-            for outcome in outcomes_of(frame):
+            outcomes = outcomes_of(frame)
+            self.ledger.tally(frame.worker, str(head.get("site") or ""), len(outcomes))
+            for outcome in outcomes:
                 self._settle(mid, outcome, frame.worker)
 
     def _settle(self, mid: str, outcome: Outcome, worker: str) -> None:
@@ -490,7 +492,8 @@ class Courier(threading.Thread):
         try:
             if outcome.ok:
                 data, ref = self._value(mid, outcome)
-                load = self.client._loader(data, ref)
+                call = self.ledger.calls.get(outcome.key)
+                load = self.client._loader(data, ref, call.safe if call is not None else self.cfg.safe_results)
                 self.ledger.outcome(mid, outcome.key, lambda s: s.finish(Lazy(load), outcome.type_name), ref)
                 return
             if outcome.system == "blob" and self._reput(mid, outcome.key):

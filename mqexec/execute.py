@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import pickle
 import time
 from collections.abc import Callable
@@ -148,11 +149,14 @@ class Executor:
             return Outcome(call.key, False, error=self._describe(exc), system="blob")
         except Exception as exc:
             return Outcome(call.key, False, error=self._describe(exc))
+        from .outputs import task_context  # open_output() inside the task writes to the task's lake
+
         for attempt in range(call.retries + 1):
             try:
-                value = fn(*args, **kwargs)
-                if inspect.iscoroutine(value):
-                    value = asyncio.run(value)
+                with task_context(task.lake, call.key):
+                    value = fn(*args, **kwargs)
+                    if inspect.iscoroutine(value):
+                        value = asyncio.run(value)
                 break
             except Exception as exc:
                 if attempt == call.retries:
@@ -202,7 +206,8 @@ class Executor:
             for i, part in enumerate(parts):
                 head = {"msg": task.id, "k": key_to_json(o.key), "i": i}
                 frames.append(Frame("piece", task.session, self.hostname, head, (part,)).encode(key))
-        frames.append(result_frame(task.session, self.hostname, task.id, outcomes).encode(key))
+        site = os.environ.get("DIRACSITE", "")
+        frames.append(result_frame(task.session, self.hostname, task.id, outcomes, site).encode(key))
         deadline = time.monotonic() + self.cfg.lease_timeout
         delay = 0.2
         while True:

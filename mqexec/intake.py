@@ -97,7 +97,7 @@ class Gate:
     def attach(self, c: Any, consumer: Any) -> None:
         self._c, self._channel = c, consumer.channel
         self._paused = False
-        qos = getattr(self._channel, "qos", None)
+        qos: Any = getattr(self._channel, "qos", None)
         if hasattr(qos, "can_consume"):  # a virtual transport (the embedded default) polls: it asks before each fetch
             qos.can_consume = lambda: not self._stopping and len(self.held) < self.capacity
         else:  # AMQP pushes: the consumer is cancelled while full (see _pause)

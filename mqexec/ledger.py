@@ -59,6 +59,7 @@ class CallRecord:
     resource: str | None = None
     group: int = 0  #: calls of one map() may share messages (up to ``batch`` per message)
     batch: int = 1
+    safe: bool = False  #: its result is unpickled through the allow-list (safepickle.py)
     waiting: set[Key] = field(default_factory=set)
     message: str | None = None
     attempts: int = 0  #: times it was started and its worker died
@@ -94,7 +95,9 @@ class Ledger:
         self._handles: Counter[Key] = Counter()
         self._released: queue.SimpleQueue[Key] = queue.SimpleQueue()  #: filled by Future.release / __del__
         self._groups = itertools.count(1)
-        self.counts: Counter[str] = Counter()  #: sent, resent, lost, lapsed, deduplicated, dead ...
+        self.counts: Counter[str] = Counter()  #: messages, resent, lost, lapsed, duplicates, dead, cache_hits
+        self.by_worker: Counter[str] = Counter()  #: outcomes received per worker
+        self.by_site: Counter[str] = Counter()  #: ... per grid site (workers outside a job: "")
 
     # -- keys and handles --------------------------------------------------------------------------------------
 
@@ -136,6 +139,11 @@ class Ledger:
             del self.states[key]
             self.values.pop(key, None)
             self.finished_calls.pop(key, None)
+
+    def tally(self, worker: str, site: str, outcomes: int) -> None:
+        with self.lock:
+            self.by_worker[worker] += outcomes
+            self.by_site[site] += outcomes
 
     def new_group(self) -> int:
         return next(self._groups)

@@ -379,8 +379,8 @@ class Outcome:
     system: str = ""
 
 
-def result_frame(session: str, worker: str, msg: str, outcomes: list[Outcome]) -> Frame:
-    """The ``result`` frame of one task message."""
+def result_frame(session: str, worker: str, msg: str, outcomes: list[Outcome], site: str = "") -> Frame:
+    """The ``result`` frame of one task message (``site``: the worker's grid site, when it runs in a job)."""
     parts: list[bytes] = []
     rows = []
     for o in outcomes:
@@ -397,7 +397,7 @@ def result_frame(session: str, worker: str, msg: str, outcomes: list[Outcome]) -
         else:
             row.update(err=o.error, sys=o.system)
         rows.append(row)
-    return Frame("result", session, worker, {"msg": msg, "outcomes": rows}, tuple(parts))
+    return Frame("result", session, worker, {"msg": msg, "site": site, "outcomes": rows}, tuple(parts))
 
 
 def outcomes_of(frame: Frame) -> list[Outcome]:

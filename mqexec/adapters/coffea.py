@@ -53,14 +53,18 @@ _SKIP_MESSAGE = "Skipping bad file"  #: what coffea's ``Runner.automatic_retries
 
 
 # ------------------------------------------------------------------------------ runs on the workers
-def _pack(out: Any, level: int | None) -> Any:
-    if level is None:
-        return out
-    return lz4.frame.compress(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL), compression_level=level)
+def _pack(out: Any, level: int | None) -> bytes:
+    """An output as it travels: pickled (lz4-compressed at ``level``, None: not compressed)."""
+    data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+    return data if level is None else lz4.frame.compress(data, compression_level=level)
 
 
-def _unpack(out: Any, level: int | None) -> Any:
-    return out if level is None else pickle.loads(lz4.frame.decompress(out))
+def _unpack(out: bytes, level: int | None) -> Any:
+    """An output back, through the restricted unpickler (``mqexec.allow`` adds classes): a worker's output is
+    never unpickled unrestricted, on the client or on the worker that merges it."""
+    from ..safepickle import loads
+
+    return loads(out if level is None else lz4.frame.decompress(out))
 
 
 class _Skipped:
@@ -123,7 +127,7 @@ class _Task:
         if self.cache is not None and key:
             record = self.cache.load(self.namespace, key)
             if record is not None:
-                return record if self.compression is not None else _unpack(record, 1)
+                return record if self.compression is not None else _pack(_unpack(record, 1), None)
         error: BaseException | None = None
         with warnings.catch_warnings(record=True) as caught, self._outputs(item, key):
             warnings.simplefilter("always")
@@ -324,7 +328,9 @@ class MQExecutor(ExecutorBase):
         try:
             out: tuple[Any, int | BaseException] = (accumulator, 0)
             if items:
-                futures = client.map(task, items, keys, labels=labels, pure=False, batch_size=1 if chunks else None)
+                futures = client.map(
+                    task, items, keys, labels=labels, pure=False, batch_size=1 if chunks else None, safe=True
+                )
                 out = self._gather(client, futures, labels, accumulator, write_errors)
         finally:
             self._report(note, len(hits), len(items), write_errors)
@@ -398,7 +404,12 @@ class MQExecutor(ExecutorBase):
                     batch.append(value)
                     if len(batch) >= self.merging and outstanding:
                         merge = client.submit(
-                            _merge, batch, self.compression, pure=False, label=f"merge of {len(batch)} outputs"
+                            _merge,
+                            batch,
+                            self.compression,
+                            pure=False,
+                            label=f"merge of {len(batch)} outputs",
+                            safe=True,
                         )
                         labelled[merge.key] = f"merge of {len(batch)} outputs"
                         waiting.add(merge)

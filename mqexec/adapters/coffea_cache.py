@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +40,9 @@ def decode(record: bytes) -> Any:
     """A record's payload (lz4-compressed pickle, as the task sends it) → the output."""
     import lz4.frame
 
-    return pickle.loads(lz4.frame.decompress(record))
+    from ..safepickle import loads
+
+    return loads(lz4.frame.decompress(record))
 
 
 @dataclass
