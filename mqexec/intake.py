@@ -9,6 +9,8 @@
         4. ack ──▶ Celery's strategy ──▶ Request ──▶ pool process (execute.py)
     every lease_interval: "held [ids]" per client · a pool process died: "lost [id]" · stopping: "released [ids]"
     a task finished ──▶ Request.__init_subclass__ hook ──▶ Gate.finished ──▶ consume again
+    connection lost ──▶ Celery reconnects ──▶ the gate keeps what it holds: leases renewed at once, consuming
+        again only if not full (a blip is not a stop: the running tasks carry on)
 
 Why not Celery's ``acks_late``: an acknowledgement held for a whole task runs into RabbitMQ's
 ``consumer_timeout`` (the broker closes the channel, the task runs again on the next worker and kills it too)
@@ -100,8 +102,9 @@ class Gate:
         qos: Any = getattr(self._channel, "qos", None)
         if hasattr(qos, "can_consume"):  # a virtual transport (the embedded default) polls: it asks before each fetch
             qos.can_consume = lambda: not self._stopping and len(self.held) < self.capacity
-        else:  # AMQP pushes: the consumer is cancelled while full (see _pause)
+        else:  # AMQP pushes: the consumer is cancelled while full (see _pause) — also after a reconnect
             self._consumer = consumer
+            self._paused = len(self.held) >= self.capacity  # then consume() waits for a task to finish
         if self.held:  # after a reconnect: tell the clients at once that we still hold these
             self.renew()
 
@@ -320,6 +323,10 @@ class _GatedConsumer(KombuConsumer):  # type: ignore[misc]
     def on_message(self, handler: Any) -> None:
         self._handler = handler
 
+    def consume(self, no_ack: bool | None = None) -> None:
+        if not self._gate._paused:  # full after a reconnect: the gate consumes when a task finishes
+            super().consume(no_ack)
+
 
 class Tasks(bootsteps.StartStopStep):  # type: ignore[misc]
     """Replaces Celery's task-consumer step: the consumer goes through the :class:`Gate`, prefetch 1."""
@@ -354,8 +361,12 @@ class Tasks(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if c.task_consumer is not None and _gate is not None:
+        if c.task_consumer is None or _gate is None:
+            return
+        if c.blueprint.state in (bootsteps.CLOSE, bootsteps.TERMINATE):
             _gate.stop_taking("the worker is stopping")
+        else:  # the connection was lost and Celery restarts the consumer: the gate keeps its tasks and leases
+            _gate.detach()
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
