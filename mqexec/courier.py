@@ -33,7 +33,16 @@ from .errors import BrokerError, SignatureError, TaskDeadLettered
 from .futures import Lazy
 from .ledger import CallRecord, Ledger, MessageRecord
 from .remote import rebuild
-from .topology import REPLY_HEADER, TASK_NAME, blob_queue, blob_queue_name, dead_queue, results_queue, task_queue
+from .topology import (
+    BROKER_DELIVERY_LIMIT,
+    REPLY_HEADER,
+    TASK_NAME,
+    blob_queue,
+    blob_queue_name,
+    dead_queue,
+    results_queue,
+    task_queue,
+)
 from .wire import PYTHON, Call, Frame, Key, Outcome, Ref, Task, key_from_json, outcomes_of, sha256
 
 if TYPE_CHECKING:
@@ -540,10 +549,9 @@ class Courier(threading.Thread):
         except (SignatureError, ValueError, IndexError, KeyError, TypeError):
             log.error("a dead-lettered message that this client did not sign arrived (reason %s): dropped", reason)
             return
-        count = headers.get("x-delivery-count") or deaths[0].get("count")
-        why = {
-            "delivery_limit": f"the broker delivered it {count} times without any worker taking it (workers died "
-            "while receiving it)",
+        why = {  # x-death's "count" counts dead-letterings, not deliveries: the limit is what is known
+            "delivery_limit": f"the broker delivered it more than {BROKER_DELIVERY_LIMIT} times (the task queue's "
+            "x-delivery-limit) and no worker kept it (each handed it back, or died while receiving it)",
             "rejected": "a worker refused it as forged or malformed",
         }.get(reason, f"dead-lettered by the broker ({reason})")
         self.last_progress = time.monotonic()
