@@ -146,7 +146,7 @@ class DiracWorkers:
     >>> workers.scale(20)                  # or workers.adapt(minimum=0, maximum=100)           # doctest: +SKIP
     >>> with workers.client() as client:   # a Client that signs with this run's key           # doctest: +SKIP
     ...     client.map(process, chunks)
-    >>> workers.close()                    # kills the jobs, stops their workers, deletes the boot user
+    >>> workers.close()                    # kills the jobs, stops their workers, deletes the boot user # doctest: +SKIP
 
     Raises:
         ConfigError: no RabbitMQ broker the grid can reach.
