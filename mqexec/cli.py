@@ -2,8 +2,9 @@
 
 mqexec worker --broker amqps://user:pw@host:5671/vhost --concurrency 8 --idle-timeout 600 --max-walltime 47h
 mqexec key worker                 # the token a worker trusts (export MQEXEC_SECRET=...)
-mqexec status --broker URL        # queues, workers, clients
+mqexec status --broker URL        # queues, workers, clients (--json, --watch)
 mqexec flower --broker URL        # Celery Flower on this prefix's events (web UI on 127.0.0.1:5555)
+mqexec doctor --broker URL        # is everything in place for a run? one line per check
 """
 
 from __future__ import annotations
@@ -60,16 +61,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _flower(args: argparse.Namespace) -> int:
-    from .app import make_app
-    from .config import Config
+    from .flowerui import main
 
-    cfg = Config.load(broker_url=args.broker)
-    app = make_app(cfg, owner=cfg.signer())
-    options = [f"--port={args.port}", f"--address={args.address}"]
-    if args.basic_auth:
-        options.append(f"--basic-auth={args.basic_auth}")
-    app.start(["flower", *options])
-    return 0
+    return main(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import main
+
+    return main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,16 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="queues, workers and clients of this prefix")
     s.add_argument("--broker")
-    s.add_argument("--json", action="store_true", help="machine-readable")
+    s.add_argument("--json", action="store_true", help="one JSON document (per refresh); fields: docs/observability.md")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, help="refresh every N seconds (default 2)")
+    s.add_argument(
+        "--management",
+        help="RabbitMQ management API, e.g. http://host:15672 (default $MQEXEC_MANAGEMENT_URL): also lists the "
+        "clients, and per-queue rates over the last minute",
+    )
+    s.add_argument("--sample", type=float, default=5.0, help="without --management: seconds between the two "
+                   "samples of the workers' counts for tasks/s (0: no rates)")  # fmt: skip
+    s.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the workers' answers")
     s.set_defaults(run=_status)
 
     f = sub.add_parser("flower", help="Celery Flower for this prefix's workers (needs mqexec[flower])")
     f.add_argument("--broker")
     f.add_argument("--port", type=int, default=5555)
     f.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
-    f.add_argument("--basic-auth", help="user:password required by the web UI")
+    f.add_argument("--basic-auth", help="user:password the web UI asks for (default $MQEXEC_FLOWER_AUTH)")
     f.set_defaults(run=_flower)
+
+    d = sub.add_parser("doctor", help="check broker, permissions, workers, lake and key before a run")
+    d.add_argument("--broker")
+    d.add_argument("--result-size", type=int, help="bytes of the biggest result the run returns")
+    d.add_argument("--chunk-time", help="how long a chunk runs, e.g. 20m")
+    d.set_defaults(run=_doctor)
 
     from . import cache_cli, dirac, image
 
