@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -39,6 +40,7 @@ from .errors import BrokerError
 from .topology import task_queue_name
 
 _NONE = "-"  #: a value not known
+_TASK_QUEUE = re.compile(r"(py\d+\.\d+)(?:\.([A-Za-z0-9_-]+))?")  #: P.<env>[.<resource>] (topology.py)
 _WINDOW = 60.0  #: tasks/s is averaged over this many seconds when the samples reach back that far
 
 
@@ -71,12 +73,13 @@ def worker_rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _queues_of(cfg: Config, worker: dict[str, Any]) -> list[str]:
-    """The task queues a worker consumes: its environment's, and one per resource it offers."""
+def _kinds_of(cfg: Config, worker: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """The task queues a worker consumes — its environment's, and one per resource it offers — with their
+    (environment, resource)."""
     if not worker["env"]:
-        return []
+        return {}
     mine = cfg.replace(env=worker["env"])
-    return [task_queue_name(mine)] + [task_queue_name(mine, r) for r in sorted(worker["resources"])]
+    return {task_queue_name(mine, r): (worker["env"], r) for r in [None, *sorted(worker["resources"])]}
 
 
 class Management:
@@ -131,45 +134,49 @@ def snapshot(cfg: Config, *, timeout: float = 1.0, management: Management | None
         replies = make_app(cfg).control.inspect(timeout=timeout, connection=conn).stats() or {}
         workers = worker_rows(replies)
         listed = management.queues(prefix) if management is not None else None
-        names = [task_queue_name(cfg)] + [q for w in workers for q in _queues_of(cfg, w)]
-        if listed is not None:
-            names += [q["name"] for q in listed if _is_task_queue(prefix, q["name"])]
+        kinds: dict[str, tuple[str | None, str | None]] = {task_queue_name(cfg): (cfg.env, None)}
+        for w in workers:
+            kinds.update(_kinds_of(cfg, w))
+        for q in listed or []:
+            kinds.setdefault(q["name"], _kind(prefix, q["name"]))
         queues = []
-        for name in dict.fromkeys(names):
+        for name, (env, resource) in kinds.items():
+            if env is None:
+                continue  # not a task queue (results, blobs, events, P.dead)
             try:
                 _, depth, consumers = conn.channel().queue_declare(name, passive=True)
             except NotFound:
                 continue
-            queues.append({"name": name, "depth": depth, "consumers": consumers, "tasks_per_s": None})
+            queues.append(
+                {"name": name, "env": env, "resource": resource, "depth": depth, "consumers": consumers,
+                 "tasks_per_s": None}
+            )  # fmt: skip
+        clients = None  # the management API names the clients' queues; AMQP counts their consumers now
+        if listed is not None:
+            clients = []
+            for q in listed:
+                if q["name"].startswith(f"{prefix}.results."):
+                    try:
+                        _, waiting, consumers = conn.channel().queue_declare(q["name"], passive=True)
+                    except NotFound:
+                        continue  # the client closed meanwhile
+                    session = q["name"].rpartition(".")[2]
+                    clients.append({"session": session, "queue": q["name"], "consumers": consumers, "waiting": waiting})
         try:
             dead: int | None = conn.channel().queue_declare(f"{prefix}.dead", passive=True)[1]
         except NotFound:
             dead = None  # no worker of this prefix has started on this broker yet
-    for q in queues:
-        env, _, resource = q["name"][len(prefix) + 1 :].partition(".")
-        q["env"], q["resource"] = env, resource or None
-    clients = None
     if listed is not None:
         rates = {q["name"]: _rate(q) for q in listed}
         for q in queues:
             q["tasks_per_s"] = rates.get(q["name"], 0.0)
-        clients = [
-            {
-                "session": q["name"].rpartition(".")[2],
-                "queue": q["name"],
-                "consumers": q.get("consumers", 0),
-                "waiting": q.get("messages", 0),
-            }
-            for q in listed
-            if q["name"].startswith(f"{prefix}.results.")
-        ]
     return {
         "time": time.time(),
         "broker": redact(cfg.broker_url or ""),
         "prefix": prefix,
         "queues": queues,
         "dead_letters": dead,
-        "workers": [{**w, "queues": _queues_of(cfg, w), "tasks_per_s": None} for w in workers],
+        "workers": [{**w, "queues": list(_kinds_of(cfg, w)), "tasks_per_s": None} for w in workers],
         "clients": clients,
         "rates": {
             "source": "management" if listed is not None else None,
@@ -179,9 +186,11 @@ def snapshot(cfg: Config, *, timeout: float = 1.0, management: Management | None
     }
 
 
-def _is_task_queue(prefix: str, name: str) -> bool:
-    rest = name[len(prefix) + 1 :]
-    return rest.startswith("py") and not rest.startswith(("results.", "blob.", "ev.", "dead", "doctor"))
+def _kind(prefix: str, name: str) -> tuple[str | None, str | None]:
+    """(environment, resource) of a task queue ``P.py3.11[.GPU]`` listed by the management API; (None, None) for
+    the other queues of the prefix."""
+    match = _TASK_QUEUE.fullmatch(name[len(prefix) + 1 :])
+    return (match.group(1), match.group(2)) if match else (None, None)
 
 
 def add_rates(now: dict[str, Any], earlier: Iterable[dict[str, Any]]) -> None:
@@ -236,11 +245,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(snap: dict[str, Any]) -> str:
     """The snapshot as the text ``mqexec status`` prints."""
-    source = snap["rates"]["source"]
-    how = {
-        "management": "RabbitMQ's delivery rates over the last minute",
-        "workers": f"workers' tasks taken over {snap['rates']['window_s']:g} s",
-    }.get(source, "not sampled")
+    rates = snap["rates"]
+    how = "not sampled"
+    if rates["source"] == "management":
+        how = "RabbitMQ's delivery rates over the last minute"
+    elif rates["source"] == "workers":
+        how = f"workers' tasks taken over {rates['window_s']:g} s"
     lines = [f"prefix {snap['prefix']} on {snap['broker']} · tasks/s: {how}", ""]
     rows = [[q["name"], str(q["depth"]), str(q["consumers"]), _cell(q["tasks_per_s"])] for q in snap["queues"]]
     rows.append([f"{snap['prefix']}.dead (dead letters)", _cell(snap["dead_letters"]), "", ""])
