@@ -10,10 +10,10 @@ import sys
 import time
 from typing import Any
 
-import mqexec
 from forge import publish
 from rabbit import fixture_rabbit_node  # noqa: F401
 
+import mqexec
 from mqexec.config import Config
 from mqexec.status import add_rates, snapshot
 
@@ -133,4 +133,4 @@ def test_management_api_lists_clients_and_rates(rabbit_node, settings, start_wor
         assert snap["queues"][0]["name"] == f"{prefix}.{ENV}" and snap["queues"][0]["tasks_per_s"] > 0
     wrong = _status(node.url(), prefix, "--management", management.replace(str(node.management_port), "1"))
     assert wrong.returncode == 2
-    assert wrong.stderr.startswith(f"mqexec: error: cannot read the management API at http://127.0.0.1:1")
+    assert wrong.stderr.startswith("mqexec: error: cannot read the management API at http://127.0.0.1:1")
