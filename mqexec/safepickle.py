@@ -85,9 +85,11 @@ def allow(*things: Any) -> None:
 def _allowed(module: str, name: str) -> bool:
     if (module, name) in _ALLOWED or (module, name) in _extra:
         return True
-    if any(module == p or module.startswith(p + ".") for p in _CLASS_PACKAGES):
+    if "." not in name and any(module == p or module.startswith(p + ".") for p in _CLASS_PACKAGES):
+        # a class defined in that module under that name — not one it merely imports or reaches: pickle resolves
+        # ("coffea.processor.accumulator", "operator.attrgetter") to operator.attrgetter, and from there to exec
         obj = _lookup(module, name)
-        return isinstance(obj, type)
+        return isinstance(obj, type) and obj.__module__ == module and obj.__qualname__ == name
     return False
 
 
