@@ -18,6 +18,7 @@ reads every result this way. A refused class is named in the error with the call
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from typing import Any
@@ -62,7 +63,6 @@ _ALLOWED: set[tuple[str, str]] = {
 }
 #: packages whose *classes* (not functions) are allowed: histograms and coffea's accumulators
 _CLASS_PACKAGES = ("hist", "boost_histogram", "coffea.processor.accumulator")
-_PY2 = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 _extra: set[tuple[str, str]] = set()
 
 
@@ -105,9 +105,17 @@ def _lookup(module: str, name: str) -> Any:
     return obj
 
 
+def _py3(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 name of a Python 2 one (``__builtin__.long`` → ``builtins.int``), as pickle's ``fix_imports``
+    maps it — done here, so the allow-list sees the name that is loaded."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        module = _PY2.get(module, module)
+        module, name = _py3(module, name)
         if not _allowed(module, name):
             raise UnsafeResultError(
                 f"a worker's result holds {module}.{name}, which mqexec does not unpickle from a worker unless you "
@@ -122,4 +130,4 @@ def loads(data: bytes) -> Any:
     Raises:
         UnsafeResultError: the pickle names a class or function that is not allowed.
     """
-    return _Unpickler(io.BytesIO(data)).load()
+    return _Unpickler(io.BytesIO(data), fix_imports=False).load()
