@@ -1,7 +1,7 @@
 """How a worker takes tasks: check, lease, acknowledge — and take no more than it has processes for.
 
     task queue ──delivery (prefetch 1)──▶ Gate.on_message (worker main process, Celery's event loop)
-        1. check: signed by the trusted identity (another key: hand back, exit) · for this prefix · not expired ·
+        1. check: signed by the trusted identity (another key: dead-letter, go on) · for this prefix · not expired ·
            nonce unseen (replay) · not revoked · its client session alive (else skip: the client is gone)
         2. lease note "held [message id]" ──▶ the client's results queue   (before the ack, same channel: a
            message the broker forgets is always one the client knows a worker holds)
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqexec.worker")
 
-WRONG_KEY_EXIT = 3  #: exit code of a worker that was given tasks signed by an identity it does not trust
 _gate: Gate | None = None
 
 
@@ -121,7 +120,7 @@ class Gate:
             wire = json.loads(message.body)[0][0]
             task = Task.verify(wire, self.trust)
         except ForeignKey as exc:
-            self.wrong_key(message, exc)
+            self.wrong_key(message, exc, str(wire.get("kid")))
             return
         except (SignatureError, ValueError, TypeError, KeyError, IndexError) as exc:
             log.warning("rejected a task message, never unpickled (it goes to the dead-letter queue): %s", exc)
@@ -160,19 +159,18 @@ class Gate:
             return f"its client (session {task.session}) is gone"
         return ""
 
-    def wrong_key(self, message: Any, exc: ForeignKey) -> None:
-        """A task signed by another identity: this worker was given the wrong key. Hand it back and exit, so the
-        correctly keyed workers run it."""
-        message.reject(requeue=True)
-        if not self._stopping:
-            log.error(
-                "%s: this worker's key is not the client's — set MQEXEC_SECRET to the output of `mqexec key "
-                "worker` on the analyst's machine; stopping",
-                exc,
-            )
-            self.exit_code = WRONG_KEY_EXIT
-            self.stop_taking("wrong key")
-            os.kill(os.getpid(), 15)
+    def wrong_key(self, message: Any, exc: ForeignKey, key_id: str) -> None:
+        """A task signed by another identity: this worker holds a stale or wrong key — or anyone who may publish
+        on the vhost sent it, which a worker cannot tell apart. It is dead-lettered like a forged task: a message
+        nobody can verify must neither stop the worker (one would shut down every worker in turn) nor go back to
+        the head of the queue (it would stall them all)."""
+        message.reject(requeue=False)
+        self._log_once(
+            f"foreign key {key_id}",
+            f"rejected a task message, never unpickled (it goes to the dead-letter queue): {exc}. If this worker "
+            "is meant to serve that client, set MQEXEC_SECRET to the output of `mqexec key worker` on the "
+            "analyst's machine",
+        )
 
     def _session_alive(self, session: str, queue: str) -> bool:
         """Whether the client of ``session`` is still there: its results queue exists and has had a consumer
