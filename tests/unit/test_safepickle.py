@@ -35,7 +35,7 @@ class Evil:
 
 PLAIN: list[Any] = [
     {"n": 1, "x": 2.5, "c": 1j, "s": "text", "b": b"\x00", "ba": bytearray(b"ab"), "none": None, "t": True},
-    [(1, 2), {3, 4}, frozenset({5}), slice(1, 5, 2)],
+    [(1, 2), {3, 4}, frozenset({5}), range(3), slice(1, 5, 2)],  # range: __builtin__.xrange in protocols 0-2
     collections.OrderedDict(a=1),
     collections.Counter("hello"),
     collections.deque([1, 2]),
@@ -46,22 +46,6 @@ PLAIN: list[Any] = [
 @pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
 def test_plain_data_passes_in_every_protocol(value: Any, protocol: int) -> None:
     assert safepickle.loads(pickle.dumps(value, protocol=protocol)) == value
-
-
-@pytest.mark.parametrize(
-    "protocol",
-    [
-        pytest.param(
-            2,
-            marks=pytest.mark.xfail(
-                strict=True, reason="protocols 0-2 name range __builtin__.xrange; safepickle checks the name unmapped"
-            ),
-        ),
-        3,
-    ],
-)
-def test_a_range_passes(protocol: int) -> None:
-    assert safepickle.loads(pickle.dumps(range(3), protocol=protocol)) == range(3)
 
 
 def test_a_defaultdict_of_a_builtin_passes() -> None:
