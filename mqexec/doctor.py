@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 from .broker import connection, explain, redact, split_urls
 from .config import Config
 from .errors import MQExecError
+from .summary import human_bytes
 
 if TYPE_CHECKING:
     from kombu import Connection
@@ -275,19 +276,19 @@ def _message_size(cfg: Config, raw: Any, probe: str) -> Check:
         text = getattr(exc, "reply_text", "") or str(exc)
         limit = re.search(r"max size (\d+)", text)
         if limit is None:
-            return Check("message size", FAIL, f"a probe message of {_bytes(size)} was refused: {text}")
+            return Check("message size", FAIL, f"a probe message of {human_bytes(size)} was refused: {text}")
         fit = int(limit.group(1)) - 64 * 1024
         return Check(
             "message size",
             FAIL,
-            f"the broker refuses messages over {_bytes(int(limit.group(1)))} (max_message_size), mqexec sends up "
-            f"to {_bytes(size)}: set MQEXEC_PIECE_SIZE={fit} (client and workers), or raise max_message_size",
+            f"the broker refuses messages over {human_bytes(int(limit.group(1)))} (max_message_size), mqexec sends up "
+            f"to {human_bytes(size)}: set MQEXEC_PIECE_SIZE={fit} (client and workers), or raise max_message_size",
         )
     return Check(
         "message size",
         OK,
-        f"a probe of {_bytes(size)} was taken (the biggest message mqexec sends: piece_size "
-        f"{_bytes(cfg.piece_size)}); the broker's max_message_size itself is not published over AMQP",
+        f"a probe of {human_bytes(size)} was taken (the biggest message mqexec sends: piece_size "
+        f"{human_bytes(cfg.piece_size)}); the broker's max_message_size itself is not published over AMQP",
     )
 
 
@@ -396,15 +397,16 @@ def _clocks(cfg: Config, conn: Connection) -> Check:
 
 def _results(cfg: Config, size: int) -> Check:
     if size <= cfg.result_inline_limit or (size <= cfg.piece_size and not cfg.lake_url):
-        return Check("results", OK, f"a result of {_bytes(size)} travels in one message")
+        return Check("results", OK, f"a result of {human_bytes(size)} travels in one message")
     if cfg.lake_url:
-        return Check("results", OK, f"a result of {_bytes(size)} goes to the lake {redact(cfg.lake_url)}")
+        return Check("results", OK, f"a result of {human_bytes(size)} goes to the lake {redact(cfg.lake_url)}")
     n = -(-size // cfg.piece_size)
     return Check(
         "results",
         WARN,
-        f"a result of {_bytes(size)} travels through the broker in {n} pieces of {_bytes(cfg.piece_size)} and is "
-        "held whole in the client's memory — set MQEXEC_LAKE_URL for results this big",
+        f"a result of {human_bytes(size)} travels through the broker in {n} pieces of "
+        f"{human_bytes(cfg.piece_size)} and is held whole in the client's memory — set MQEXEC_LAKE_URL for "
+        "results this big",
     )
 
 
@@ -532,15 +534,6 @@ def _span(seconds: float) -> str:
     if seconds >= 60:
         return f"{int(seconds // 60)} min {int(seconds % 60)} s"
     return f"{seconds:.0f} s"
-
-
-def _bytes(n: float) -> str:
-    """``8392704`` → ``8.0 MiB``."""
-    units = ("B", "KiB", "MiB", "GiB")
-    i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n, i = n / 1024, i + 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from coffea.util import rich_bar
 
 from ..client import Client
 from ..futures import as_completed
+from ..summary import Run
 
 if TYPE_CHECKING:
     from ..cache import Cache
@@ -312,6 +313,7 @@ class MQExecutor(ExecutorBase):
             return accumulator, 0
         client = self._session.client()
         chunks = hasattr(items[0], "entrystart")
+        run = Run(client) if chunks else None  # ---- run summary (mqexec/summary.py): starts the clock
         # ---- cache: the items done before are read, not run
         task = _Task(function, self.compression, lake=client.config.lake_url)
         keys: list[str | None] = [None] * len(items)
@@ -339,6 +341,8 @@ class MQExecutor(ExecutorBase):
 
             acc = out[0]
             log.info("saved the output to %s", save_output(self.save, acc["out"] if _wrapped(acc) else acc))
+        if run is not None:  # ---- run summary: one block (stderr, with status=True); mqexec.summary.last() for JSON
+            run.finish(out[0], chunks=len(items) + len(hits), cache_hits=len(hits), show=bool(self.status))
         return out
 
     # ---- cache and save: the part of a call that reads the cache, and the one report per run
