@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from netutil import free_port
 from rabbit import fixture_rabbit_node, fixture_rabbit_tls, max_message_size  # noqa: F401
@@ -40,7 +41,7 @@ def _env(prefix: str, tmp_path: Path, **more: str) -> dict[str, str]:
     return {"MQEXEC_QUEUE_PREFIX": prefix, "MQEXEC_KEY_FILE": str(key), "MQEXEC_LAKE_URL": "", **more}
 
 
-def test_healthy_setup_passes_every_check(broker_url, prefix, start_worker, tmp_path):
+def test_healthy_setup_passes_every_check(broker_url: str, prefix: str, start_worker: Any, tmp_path: Path) -> None:
     start_worker("--concurrency", "1", env={"DIRACSITE": "LCG.Example.org"})
     lake = tmp_path / "lake"
     lake.mkdir()
@@ -60,7 +61,7 @@ def test_healthy_setup_passes_every_check(broker_url, prefix, start_worker, tmp_
     assert list(lake.joinpath("doctor").iterdir()) == []  # the probe object was deleted
 
 
-def test_wrong_password_is_one_line_without_the_password(broker_url, prefix, tmp_path):
+def test_wrong_password_is_one_line_without_the_password(broker_url: str, prefix: str, tmp_path: Path) -> None:
     wrong = broker_url.replace("guest:guest@", "guest:Sup3rSecret@", 1)
     assert wrong != broker_url
     code, lines, took = _doctor(wrong, _env(prefix, tmp_path))
@@ -76,7 +77,7 @@ def test_wrong_password_is_one_line_without_the_password(broker_url, prefix, tmp
     assert took < 30
 
 
-def test_unreachable_host_fails_in_seconds(prefix, tmp_path):
+def test_unreachable_host_fails_in_seconds(prefix: str, tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     code, lines, took = _doctor(f"amqp://guest:guest@127.0.0.1:{port}//", _env(prefix, tmp_path))
     assert code == 1
@@ -88,7 +89,7 @@ def test_unreachable_host_fails_in_seconds(prefix, tmp_path):
     assert took < 30
 
 
-def test_a_readable_key_file_blocks_a_run(broker_url, prefix, tmp_path):
+def test_a_readable_key_file_blocks_a_run(broker_url: str, prefix: str, tmp_path: Path) -> None:
     env = _env(prefix, tmp_path)
     os.chmod(env["MQEXEC_KEY_FILE"], 0o644)
     code, lines, _ = _doctor(broker_url, env)
@@ -99,7 +100,7 @@ def test_a_readable_key_file_blocks_a_run(broker_url, prefix, tmp_path):
     )
 
 
-def test_small_max_message_size_and_missing_permissions(rabbit_node, tmp_path):
+def test_small_max_message_size_and_missing_permissions(rabbit_node: Any, tmp_path: Path) -> None:
     node = rabbit_node(max_message_size(1 << 20))
     env = _env("ana", tmp_path)
     code, lines, _ = _doctor(node.url(), env)
@@ -116,7 +117,7 @@ def test_small_max_message_size_and_missing_permissions(rabbit_node, tmp_path):
     assert "ACCESS_REFUSED" in _line(lines, "permissions")
 
 
-def test_tls_certificate_and_its_expiry(rabbit_tls, tmp_path):
+def test_tls_certificate_and_its_expiry(rabbit_tls: Any, tmp_path: Path) -> None:
     env = _env("ana", tmp_path, MQEXEC_TLS_CA=str(rabbit_tls.pki.ca))
     code, lines, _ = _doctor(rabbit_tls.node.url(tls=True), env)
     assert _line(lines, "TLS").startswith("✓ TLS: certificate of 127.0.0.1 trusted (issuer mqexec test CA), valid")

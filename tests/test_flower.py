@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ SITE, JOB = "LCG.Example.org", "4242"
 
 
 @pytest.fixture
-def flower(broker_url, settings, tmp_path):
+def flower(broker_url: str, settings: dict[str, Any], tmp_path: Path) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true", "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]),
            "MQEXEC_IDENTITY": str(settings["identity"])}  # fmt: skip
@@ -95,7 +96,9 @@ def _start_two(start_worker: Any) -> list[str]:
     return names
 
 
-def test_flower_shows_workers_and_readable_tasks_in_a_browser(flower, start_worker, client, tmp_path):
+def test_flower_shows_workers_and_readable_tasks_in_a_browser(
+    flower: str, start_worker: Any, client: Any, tmp_path: Path
+) -> None:
     names = _start_two(start_worker)
     _warm_up(client, flower)
     labels = _labels(3)
@@ -156,7 +159,7 @@ def test_flower_shows_workers_and_readable_tasks_in_a_browser(flower, start_work
     reason="core: a call that raises is reported to the client, but the Celery task succeeds, so Flower shows "
     "SUCCESS and no exception (execute.py/app.py would need to raise after publishing the outcome)",
 )
-def test_flower_shows_a_failed_chunk_with_its_exception(flower, start_worker, client):
+def test_flower_shows_a_failed_chunk_with_its_exception(flower: str, start_worker: Any, client: Any) -> None:
     _start_two(start_worker)
     _warm_up(client, flower)
     label = _labels(4)[3]
@@ -168,7 +171,7 @@ def test_flower_shows_a_failed_chunk_with_its_exception(flower, start_worker, cl
     assert task[0]["state"] == "FAILURE" and "bad chunk 3" in str(task[0]["exception"])
 
 
-def test_flower_binds_loopback_unless_protected():
+def test_flower_binds_loopback_unless_protected() -> None:
     assert flower_argv("127.0.0.1", 5555, None)[1] == "--address=127.0.0.1"
     with pytest.raises(ConfigError, match=r"refusing to serve Flower on 0\.0\.0\.0 without --basic-auth"):
         flower_argv("0.0.0.0", 5555, None)
@@ -177,7 +180,7 @@ def test_flower_binds_loopback_unless_protected():
         flower_argv("127.0.0.1", 5555, "nocolon")
 
 
-def test_flower_asks_for_the_password_it_was_given(broker_url, settings, tmp_path):
+def test_flower_asks_for_the_password_it_was_given(broker_url: str, settings: dict[str, Any], tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "MQEXEC_QUEUE_PREFIX": str(settings["queue_prefix"]), "MQEXEC_FLOWER_AUTH": "ana:s3cret",
            "MQEXEC_IDENTITY": str(settings["identity"])}  # fmt: skip

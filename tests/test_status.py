@@ -38,7 +38,9 @@ def _dead_letters(cfg: Config, count: int) -> None:
         time.sleep(0.3)
 
 
-def test_json_after_a_run_with_one_poison_task(broker_url, prefix, settings, start_worker, client):
+def test_json_after_a_run_with_one_poison_task(
+    broker_url: str, prefix: str, settings: dict[str, Any], start_worker: Any, client: Any
+) -> None:
     start_worker("--concurrency", "2", "--hostname", f"mqexec-{ENV}-{JOB}@wn042.example.org",
                  env={"DIRACSITE": SITE, "JOBID": JOB})  # fmt: skip
     assert client.gather(client.map(lambda x: x * 2, range(5), batch_size=1)) == [0, 2, 4, 6, 8]
@@ -69,7 +71,9 @@ def test_json_after_a_run_with_one_poison_task(broker_url, prefix, settings, sta
     assert row.split()[1:6] == [ENV, "-", SITE, JOB, "0/2"]
 
 
-def test_tasks_per_second_from_the_workers_counts(broker_url, prefix, settings, start_worker, client):
+def test_tasks_per_second_from_the_workers_counts(
+    broker_url: str, prefix: str, settings: dict[str, Any], start_worker: Any, client: Any
+) -> None:
     start_worker("--concurrency", "1")
     start_worker("--concurrency", "1", "--resources", "GPU=1")
     cfg = Config.load(broker_url=broker_url, queue_prefix=prefix)
@@ -86,7 +90,9 @@ def test_tasks_per_second_from_the_workers_counts(broker_url, prefix, settings, 
     assert {w["name"]: w["queues"] for w in now["workers"]}[f"w1-{prefix}@test"] == [plain, gpu]
 
 
-def test_watch_prints_a_document_per_refresh_with_rates(broker_url, prefix, settings, start_worker, client):
+def test_watch_prints_a_document_per_refresh_with_rates(
+    broker_url: str, prefix: str, settings: dict[str, Any], start_worker: Any, client: Any
+) -> None:
     start_worker("--concurrency", "1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mqexec", "status", "--broker", broker_url, "--json", "--watch", "0.5"],
@@ -112,7 +118,7 @@ def test_watch_prints_a_document_per_refresh_with_rates(broker_url, prefix, sett
     assert later["queues"][0]["tasks_per_s"] == later["tasks_per_s"] > 0
 
 
-def test_management_api_lists_clients_and_rates(rabbit_node, settings, start_worker):
+def test_management_api_lists_clients_and_rates(rabbit_node: Any, settings: dict[str, Any], start_worker: Any) -> None:
     node = rabbit_node(management=True)
     start_worker("--concurrency", "1", broker=node.url())
     prefix = str(settings["queue_prefix"])

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -24,7 +25,9 @@ SITE = "LCG.Example.org"
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the processor below travels by value
 
 
-def test_calls_on_two_workers_counted_per_worker_and_site(client, start_worker, capsys):
+def test_calls_on_two_workers_counted_per_worker_and_site(
+    client: Any, start_worker: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     start_worker("--concurrency", "1", env={"DIRACSITE": SITE, "JOBID": "17"})
     start_worker("--concurrency", "1")
     run = Run(client)
@@ -48,7 +51,9 @@ def _crash() -> None:
     os._exit(3)
 
 
-def test_a_task_that_kills_its_worker_is_one_dead_letter(broker_url, settings, start_worker):
+def test_a_task_that_kills_its_worker_is_one_dead_letter(
+    broker_url: str, settings: dict[str, Any], start_worker: Any
+) -> None:
     start_worker("--concurrency", "1")
     with mqexec.Client(broker_url, **{**settings, "delivery_limit": 2}) as client:
         run = Run(client)
@@ -67,17 +72,19 @@ def test_a_task_that_kills_its_worker_is_one_dead_letter(broker_url, settings, s
 class CountEvents(processor.ProcessorABC):
     """A coffea processor: events and muons per dataset (real NanoAOD columns)."""
 
-    def process(self, events):
+    def process(self, events: Any) -> dict[str, dict[str, int]]:
         import awkward as ak
 
         dataset = events.metadata["dataset"]
         return {dataset: {"events": len(events), "muons": int(ak.sum(ak.num(events.Muon)))}}
 
-    def postprocess(self, accumulator):
+    def postprocess(self, accumulator: Any) -> Any:
         return accumulator
 
 
-def test_coffea_run_summary_from_runner_metrics(client, start_worker, capsys, monkeypatch):
+def test_coffea_run_summary_from_runner_metrics(
+    client: Any, start_worker: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mqexec import safepickle
 
     # coffea's outputs hold its FileMeta and WorkItem, which safepickle refuses at the moment (a core regression,
@@ -102,7 +109,7 @@ def test_coffea_run_summary_from_runner_metrics(client, start_worker, capsys, mo
     assert f"\n    site        {SITE}: 4\n" in block
 
 
-def test_summarize_counts_only_what_happened_between_two_snapshots():
+def test_summarize_counts_only_what_happened_between_two_snapshots() -> None:
     before = {"counts": {"messages": 5, "resent": 1}, "by_worker": {"w1": 5}, "by_site": {"": 5}}
     after = {"counts": {"messages": 9, "resent": 3, "lost": 2, "cache_hits": 1}, "by_worker": {"w1": 7, "w2": 2},
              "by_site": {"": 7, "X": 2}}  # fmt: skip
