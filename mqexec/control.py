@@ -40,7 +40,8 @@ log = logging.getLogger("mqexec.worker")
 
 SIGNED = "_mqexec"
 MAX_AGE = 120.0  #: a signed command older than this (or from this far in the future) is refused
-#: inspection that changes nothing: answered unsigned, so Flower's pages work for whoever may read the vhost
+#: inspection that changes nothing: answered unsigned, so Flower's pages work for whoever may read the vhost.
+#: Not ``hello``: it is mingle's sync and adds the ``revoked`` ids it is given (mqexec workers run without mingle).
 READ_ONLY = frozenset(
     {
         "ping",
@@ -55,7 +56,6 @@ READ_ONLY = frozenset(
         "query_task",
         "report",
         "clock",
-        "hello",
         "heartbeat",
     }
 )
