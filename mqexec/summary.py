@@ -20,7 +20,7 @@ What the counts mean (they come from the client's ledger, ``ledger.py``):
 - Retries inside a task (coffea's ``retries``, ``submit(retries=)``) happen on the worker and are not seen here.
 
     >>> run = Run(client)                                   # doctest: +SKIP
-    >>> ...                                                  # submit, gather
+    >>> ...                                                  # submit, gather  # doctest: +SKIP
     >>> run.finish(show=True).to_json()["tasks"]            # doctest: +SKIP
     120
 """
