@@ -146,6 +146,9 @@ def test_flower_shows_workers_and_readable_tasks_in_a_browser(
     shots = {
         "flower-workers.png": screenshot(f"{flower}/workers", tmp_path / "flower-workers.png", size=(1400, 560)),
         "flower-tasks.png": screenshot(f"{flower}/tasks", tmp_path / "flower-tasks.png", size=(1400, 760)),
+        "flower-worker.png": screenshot(  # its "Other" tab: the mqexec block of the worker's stats
+            f"{flower}/worker/{names[0]}#tab-other", tmp_path / "flower-worker.png", size=(1400, 760)
+        ),
     }
     for shot in shots.values():
         assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
