@@ -142,7 +142,7 @@ def _mqexec_workers(**executor_kw):
 def _delete_queues(prefix: str) -> None:
     from kombu import Connection
 
-    from mqexec.app import delete_topology
+    from mqexec.topology import delete_topology
     from mqexec.config import Config
 
     with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         stop(workers)
         from kombu import Connection
 
-        from mqexec.app import delete_topology
+        from mqexec.topology import delete_topology
         from mqexec.config import Config
 
         with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queues too

@@ -1,4 +1,5 @@
-"""No-op tasks: throughput of ``Client.map`` over 10,000 calls and single-task round trip, mqexec vs Dask.
+"""No-op tasks: throughput of ``Client.map`` and of a ``submit`` loop over 10,000 calls, and single-task round
+trip, mqexec vs Dask.
 
     python benchmarks/noop.py [--tasks 10000] [--roundtrips 300] [--broker amqp://guest:guest@127.0.0.1:5672//]
 
@@ -25,10 +26,14 @@ def noop(x):
     return x
 
 
-def measure(client, tasks: int, roundtrips: int, **map_kw) -> dict[str, float]:
+def measure(client, tasks: int, roundtrips: int, loop: bool = False, **map_kw) -> dict[str, float]:
+    """``map`` + ``gather`` (or, ``loop``: ``[client.submit(noop, x) for x in xs]`` + ``gather``), then round trips."""
     client.gather(client.map(noop, range(50), pure=False, **map_kw))  # warm up: workers, imports, caches
     started = time.perf_counter()
-    futures = client.map(noop, range(tasks), pure=False, **map_kw)
+    if loop:
+        futures = [client.submit(noop, x, pure=False) for x in range(tasks)]
+    else:
+        futures = client.map(noop, range(tasks), pure=False, **map_kw)
     results = client.gather(futures)
     elapsed = time.perf_counter() - started
     assert results == list(range(tasks))
@@ -43,11 +48,13 @@ def measure(client, tasks: int, roundtrips: int, **map_kw) -> dict[str, float]:
 
 def run_mqexec(broker: str, tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
     import mqexec
+    from mqexec.keys import Identity
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
+    identity = Identity.new()
     env = {
         **os.environ,
-        "MQEXEC_SECRET": "bench-secret",
+        "MQEXEC_SECRET": identity.trust.token(),
         "MQEXEC_QUEUE_PREFIX": prefix,
         "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
     }
@@ -71,15 +78,27 @@ def run_mqexec(broker: str, tasks: int, roundtrips: int) -> dict[str, dict[str, 
         for _ in range(2)
     ]
     try:
-        with mqexec.Client(broker, secret="bench-secret", queue_prefix=prefix) as client:
+        with mqexec.Client(broker, identity=identity.text(), queue_prefix=prefix) as client:
             out = {"mqexec (batched map)": measure(client, tasks, roundtrips)}
             out["mqexec (batch_size=1)"] = measure(client, tasks, roundtrips, batch_size=1)
+            out["mqexec (submit loop)"] = measure(client, tasks, roundtrips, loop=True)
             return out
     finally:
         for w in workers:
             w.terminate()
         for w in workers:
             w.wait(30)
+        _delete_queues(broker, prefix)
+
+
+def _delete_queues(broker: str, prefix: str) -> None:
+    from kombu import Connection
+
+    from mqexec.config import Config
+    from mqexec.topology import delete_topology
+
+    with Connection(broker.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
+        delete_topology(conn.channel(), Config.load(broker_url=broker, queue_prefix=prefix))
 
 
 def run_embedded(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
@@ -97,7 +116,10 @@ def run_dask(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
-        return {"distributed.Client, LocalCluster(2x1)": measure(client, tasks, roundtrips)}
+        return {
+            "distributed.Client, LocalCluster(2x1)": measure(client, tasks, roundtrips),
+            "distributed.Client (submit loop)": measure(client, tasks, roundtrips, loop=True),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(f"{name:42} {r['tasks_per_s']:9.0f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f}")
     dask = rows["distributed.Client, LocalCluster(2x1)"]
-    for name in ("mqexec (batched map)", "mqexec (batch_size=1)", "mqexec embedded default (1 worker x 2)"):
+    for name in ("mqexec (batched map)", "mqexec (batch_size=1)", "mqexec (submit loop)",
+                 "mqexec embedded default (1 worker x 2)"):  # fmt: skip
         r = rows[name]
+        dask = rows[
+            "distributed.Client (submit loop)" if "submit loop" in name else "distributed.Client, LocalCluster(2x1)"
+        ]
         print(
             f"{name}: throughput {r['tasks_per_s'] / dask['tasks_per_s']:.2f}x dask, "
             f"p50 latency {dask['p50_ms'] / r['p50_ms']:.2f}x better, p90 {dask['p90_ms'] / r['p90_ms']:.2f}x better"

@@ -60,6 +60,10 @@ _ALLOWED: set[tuple[str, str]] = {
     ("awkward.highlevel", "Record"),
     ("dask_awkward.pickle", "_unpickle_array_schema_1"),
     ("dask_awkward.pickle", "_unpickle_record_schema_1"),
+    ("coffea.processor.executor", "FileMeta"),  # coffea's preprocessing output
+    ("coffea.processor.executor", "WorkItem"),  # coffea's "processed" sets (savemetrics)
+    ("mqexec.adapters.coffea", "_Skipped"),  # MQExecutor's own answers
+    ("mqexec.adapters.coffea", "_WriteFailed"),
 }
 #: packages whose *classes* (not functions) are allowed: histograms and coffea's accumulators
 _CLASS_PACKAGES = ("hist", "boost_histogram", "coffea.processor.accumulator")

@@ -310,7 +310,7 @@ def test_resume_after_the_client_is_killed(
 
     from kombu import Connection
 
-    from mqexec.app import delete_topology
+    from mqexec.topology import delete_topology
     from mqexec.config import Config
     from mqexec.outputs import load_output
 
