@@ -94,16 +94,18 @@ def _where(cfg: Config, url: str) -> tuple[str, int]:
 
 
 def _broker(cfg: Config, result_size: int | None, chunk_time: float | None) -> Iterator[Check]:
-    answering = []
+    answering, silent = [], []
     for url in split_urls(cfg.broker_url or ""):
         host, port = _where(cfg, url)
         try:
             socket.create_connection((host, port), timeout=cfg.connect_timeout).close()
         except OSError as exc:
-            yield Check("reachable", FAIL, str(explain(exc, cfg, url)))
+            silent.append(str(explain(exc, cfg, url)))
             continue
         answering.append(url)
         yield Check("reachable", OK, f"{host}:{port} accepts connections")
+    for text in silent:  # one failover broker down is not a blocked run while another answers
+        yield Check("reachable", WARN if answering else FAIL, text)
     if not answering:
         return
     url = answering[0]

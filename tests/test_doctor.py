@@ -126,3 +126,13 @@ def test_tls_certificate_and_its_expiry(rabbit_tls: Any, tmp_path: Path) -> None
     assert code == 1
     assert _line(lines, "TLS").startswith("✗ TLS: the TLS certificate of 127.0.0.1:")
     assert "is not signed by a CA in" in _line(lines, "TLS")
+
+
+def test_one_failover_broker_down_is_a_warning(broker_url: str, prefix: str, tmp_path: Path) -> None:
+    port = free_port()
+    code, lines, _ = _doctor(f"amqp://guest:guest@127.0.0.1:{port}//;{broker_url}", _env(prefix, tmp_path))
+    reachable = [line for line in lines if line[2:].startswith("reachable:")]
+    assert reachable[0].startswith("✓ reachable: ") and reachable[1].startswith(
+        f"! reachable: nothing accepts connections at 127.0.0.1:{port}"
+    )
+    assert code == 0, lines
