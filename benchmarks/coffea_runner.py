@@ -142,8 +142,8 @@ def _mqexec_workers(**executor_kw):
 def _delete_queues(prefix: str) -> None:
     from kombu import Connection
 
-    from mqexec.topology import delete_topology
     from mqexec.config import Config
+    from mqexec.topology import delete_topology
 
     with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
         delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))

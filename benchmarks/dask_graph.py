@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         stop(workers)
         from kombu import Connection
 
-        from mqexec.topology import delete_topology
         from mqexec.config import Config
+        from mqexec.topology import delete_topology
 
         with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queues too
             delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))

@@ -144,6 +144,9 @@ class Client:
             self._release_local()
             raise
         self._courier.start()
+        from .summary import Run
+
+        self._run = Run(self)  # what close(summary=True) reports
         self._dask_default: Any = None
         self.status = "running"
         log.info(
@@ -524,10 +527,13 @@ class Client:
 
     # -- life cycle ----------------------------------------------------------------------------------------------
 
-    def close(self, timeout: Any = None) -> None:
-        """Cancel what is still pending, delete this session's queues and release the embedded workers."""
+    def close(self, timeout: Any = None, summary: bool = False) -> None:
+        """Cancel what is still pending, delete this session's queues and release the embedded workers;
+        ``summary``: first print what this client ran (see :mod:`mqexec.summary`; also ``summary.last()``)."""
         if self.status in ("closing", "closed"):
             return
+        if summary:
+            self._run.finish(show=True)
         self.status = "closing"
         for state in self._ledger.pending_states():
             state.cancel("the client was closed")

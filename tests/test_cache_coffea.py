@@ -310,9 +310,9 @@ def test_resume_after_the_client_is_killed(
 
     from kombu import Connection
 
-    from mqexec.topology import delete_topology
     from mqexec.config import Config
     from mqexec.outputs import load_output
+    from mqexec.topology import delete_topology
 
     script = tmp_path / "client.py"
     script.write_text(_CLIENT_SCRIPT.format(paths=[str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]))

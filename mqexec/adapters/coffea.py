@@ -109,7 +109,7 @@ class _Task:
     meanwhile, else stores the output in the cache as soon as it is computed. ``lake`` is where
     :func:`mqexec.lake.open_output` writes from inside the processor."""
 
-    __slots__ = ("cache", "compression", "function", "lake", "namespace")
+    __slots__ = ("__name__", "cache", "compression", "function", "lake", "namespace")
 
     def __init__(
         self,
@@ -120,6 +120,7 @@ class _Task:
         lake: str | None = None,
     ) -> None:
         self.function = function
+        self.__name__ = "_Task"  # MQExecutor names it after the processor: what Flower and the logs show
         self.compression = compression
         self.cache, self.namespace, self.lake = cache, namespace, lake
 
@@ -316,6 +317,7 @@ class MQExecutor(ExecutorBase):
         run = Run(client) if chunks else None  # ---- run summary (mqexec/summary.py): starts the clock
         # ---- cache: the items done before are read, not run
         task = _Task(function, self.compression, lake=client.config.lake_url)
+        task.__name__ = self.function_name or "_Task"  # Runner sets it to the processor's class name
         keys: list[str | None] = [None] * len(items)
         hits: dict[int, Any] = {}
         note = ""
@@ -357,7 +359,8 @@ class MQExecutor(ExecutorBase):
             return task, [None] * len(items), {}, f"not cached: {found}"
         self._cache.describe(found.namespace, found.about)
         hits = found.load(found.lookup())
-        task = _Task(function, self.compression, self._cache, found.namespace, task.lake)
+        name, task = task.__name__, _Task(function, self.compression, self._cache, found.namespace, task.lake)
+        task.__name__ = name
         return task, found.keys, hits, f"{found.about} in {self._cache.write_url}/cache/{found.namespace}"
 
     def _report(self, note: str, cached: int, ran: int, write_errors: list[str]) -> None:
