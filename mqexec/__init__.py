@@ -26,7 +26,16 @@ from .errors import (
     TaskDeadLettered,
     UnsafeResultError,
 )
-from .futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, as_completed, futures_of, wait
+from .futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    Future,
+    as_completed,
+    fire_and_forget,
+    futures_of,
+    wait,
+)
 from .safepickle import allow
 
 __all__ = [
@@ -51,6 +60,7 @@ __all__ = [
     "__version__",
     "allow",
     "as_completed",
+    "fire_and_forget",
     "futures_of",
     "wait",
 ]

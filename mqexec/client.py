@@ -427,6 +427,11 @@ class Client:
                 log.warning("could not tell the workers to drop %d cancelled task(s): %s", len(revoke), exc)
         return any_pending
 
+    def retry(self, futures: Any, asynchronous: bool | None = None) -> None:
+        """Run failed futures' tasks again (as ``distributed``'s ``Client.retry``)."""
+        if self._ledger.retry(f.key for f in futures_of(futures)):
+            self._courier.wake()
+
     def _loader(self, data: bytes | None, ref: Ref, safe: bool) -> Callable[[], Any]:
         """How a result is unpickled on first use: fetched from the lake if it went there; through the
         allow-list if ``safe``."""

@@ -80,6 +80,14 @@ class FutureState:
     def cancel(self, reason: str = "") -> bool:
         return self._settle("cancelled", _UNSET, CancelledError(reason) if reason else CancelledError())
 
+    def reset(self) -> bool:
+        """Back to ``pending`` after an error (``Future.retry``); False if it did not fail."""
+        with self._cond:
+            if self.status != "error":
+                return False
+            self.status, self.exception, self.traceback, self._value = "pending", None, None, _UNSET
+            return True
+
     def wait(self, timeout: float | None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self.status != "pending", timeout)
@@ -213,6 +221,11 @@ class Future:
             return self._client.cancel([self])
         return self._state.cancel()
 
+    def retry(self) -> None:
+        """Run a failed task again (as ``distributed``'s ``Future.retry``)."""
+        if self._client is not None:
+            self._client.retry([self])
+
     def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
         """Call ``fn(future)`` once the future is done (success, error or cancel), on a callback thread."""
         self._state.on_done(lambda: _in_callback_thread(lambda: fn(self)))
@@ -273,6 +286,15 @@ def futures_of(obj: Any) -> list[Future]:
         elif hasattr(item, "__dask_graph__"):
             found.update((id(f), f) for f in futures_of(item))
     return list(found.values())
+
+
+def fire_and_forget(obj: Any) -> None:
+    """Let the tasks of these futures run to completion even when no handle is kept (as ``distributed``'s): mqexec
+    never withdraws a task whose handles are released, so this only documents the intent.
+
+    >>> fire_and_forget(client.submit(write_report, run))      # doctest: +SKIP
+    """
+    futures_of(obj)
 
 
 class DoneAndNotDoneFutures(NamedTuple):

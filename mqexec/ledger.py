@@ -328,6 +328,23 @@ class Ledger:
                     state.status, state.exception = "cancelled", _cancelled()
         return any_pending, revoke
 
+    def retry(self, keys: Iterable[Key]) -> int:
+        """Send failed calls again (their states back to pending); returns how many."""
+        again = []
+        with self.lock:
+            for key in keys:
+                call = self.finished_calls.get(key)
+                state = self.states.get(key)
+                if call is None or state is None or not state.reset():
+                    continue
+                del self.finished_calls[key]
+                call.message, call.attempts = None, 0
+                self.calls[key] = call
+                self._needed.update(call.deps)
+                again.append(call)
+            self._outbox.extend(again)
+        return len(again)
+
     def fail_all(self, which: Callable[[CallRecord], bool], exc: BaseException, *, forget: bool = False) -> int:
         """Fail the calls ``which`` selects with ``exc``; ``forget``: also forget their keys, so that the same
         call submitted again runs (the broker could not be reached)."""

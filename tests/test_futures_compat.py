@@ -337,6 +337,32 @@ def test_recreate_error_locally_and_recreate_task_locally(backend: Backend) -> N
     assert c.recreate_task_locally(c.submit(pid, pure=False)) == os.getpid()
 
 
+def _fails_once(marker: str) -> str:
+    if not os.path.exists(marker):
+        Path(marker).write_text("failed once")
+        raise RuntimeError("first attempt fails")
+    return "second attempt"
+
+
+def test_retry_runs_a_failed_future_again(backend: Backend, tmp_path: Path) -> None:
+    fut = backend.client.submit(_fails_once, str(tmp_path / f"marker-{uuid.uuid4().hex}"))
+    with pytest.raises(RuntimeError, match="first attempt fails"):
+        fut.result(timeout=30)
+    fut.retry()
+    assert fut.result(timeout=30) == "second attempt" and fut.status == "finished"
+
+
+def _touch(path: str) -> None:
+    time.sleep(0.5)
+    Path(path).write_text("ran")
+
+
+def test_fire_and_forget_runs_without_a_handle(backend: Backend, tmp_path: Path) -> None:
+    marker = tmp_path / f"fired-{uuid.uuid4().hex}"
+    backend.lib.fire_and_forget(backend.client.submit(_touch, str(marker)))  # no handle kept
+    assert eventually(marker.exists, timeout=30)
+
+
 def test_get_executor_is_a_concurrent_futures_executor(backend: Backend) -> None:
     c = backend.client
     with c.get_executor() as ex:
