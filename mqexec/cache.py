@@ -26,6 +26,9 @@ order and writes only to the first::
     >>> ns, key = memo_key(len, ("abc",), {})
     >>> cache.lookup(ns, [key])                             # {} → a miss: run it
     {}
+
+One piece because: the cache's keys (code, data, environment), its records and its lookups must change
+together — a key computed one way and looked up another would serve a stale result.
 """
 
 from __future__ import annotations

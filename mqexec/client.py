@@ -12,6 +12,10 @@ inline, big ones shipped once as blobs or read from the data lake by the worker)
         fut = client.submit(lambda x: x + 1, 41)
         fut.result()                                   # 42
         total = sum(client.gather(client.map(square, range(1000))))
+
+One piece because: it is the public face of ``distributed.Client`` — what a user reads to know what
+the client can do; its bookkeeping (``ledger.py``), broker I/O (``courier.py``), futures (``futures.py``) and
+dask support (``adapters/dask.py``) live in their own modules, and every method here is a few lines over them.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@
 
 Marks: ✓ fine · ! works, but look · ? cannot be known from here (the line says why) · ✗ blocks a run.
 ``main`` exits with 1 when a line is ✗. Nothing here prints a password, token or key.
+
+One piece because: each check is a few lines, and together they are one report that must read in order —
+reachability before login before permissions before workers.
 """
 
 from __future__ import annotations

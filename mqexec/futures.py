@@ -9,6 +9,10 @@ is logged and the others still run (as ``concurrent.futures._base._invoke_callba
     fut = client.submit(pow, 2, 10)
     fut.result(timeout="30s")                   # 1024
     for f in as_completed(client.map(inc, range(10))): print(f.result())
+
+One piece because: like ``concurrent/futures/_base.py``, the state, the handle and the functions that wait
+on handles (``wait``, ``as_completed``, ``futures_of``) share one locking discipline that is easiest to check
+in one place.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ grid credentials of the environment: :mod:`mqexec.lake_auth`).
 
 Layout: ``objects/<sha[:2]>/<sha>`` (results by content), ``cache/<namespace>/<key>`` (cache records: a header
 ``MQXC1 <sha256>`` + payload, checked on every read), anything else (``open_output``, ``save=``) by its name.
+
+One piece because: every lake operation — put, get, records, named outputs, listings — goes through the same
+atomic-write and error-naming rules for three kinds of storage (local, XRootD, WebDAV).
 """
 
 from __future__ import annotations

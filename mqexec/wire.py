@@ -22,6 +22,9 @@ task — pickles to a placeholder (:func:`dependency`) naming its key; the clien
     ...             python="3.11", reply_to="mqexec.results.s1", fn=Ref.inline(b"fn"), calls=(call,))
     >>> Task.verify(task.sign(me), me.trust).calls[0].key
     'inc-1'
+
+One piece because: it is the whole message format — what a client sends, what a worker answers and how
+values travel between them — and both sides must agree on every field of it.
 """
 
 from __future__ import annotations

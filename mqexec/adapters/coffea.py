@@ -18,6 +18,10 @@ of every chunk, so none is lost or counted twice.
 
 coffea is imported by this module, which ``mqexec`` loads only when ``mqexec.MQExecutor`` is first looked up;
 ``mqexec worker`` imports it only when it unpickles a task of this module.
+
+One piece because: ``MQExecutor`` is one ``ExecutorBase`` dataclass, and the small task wrappers it ships to
+the workers (``_Task``, ``_merge``) are half of its contract with coffea's Runner; its cache lives in
+``coffea_cache.py``.
 """
 
 from __future__ import annotations

@@ -48,6 +48,10 @@ through a local disk (``"disk"``, partd) or through distributed's workers (``"p2
 
 A graph with a missing dependency, a cycle or such a shuffle is refused with a :class:`ValueError` naming the
 key before anything is sent.
+
+One piece because: the graph plan (cut into chains), the worker-side loop that runs a chain and the client
+side that submits chains and repacks values are one algorithm over one data structure; splitting them would
+split the invariants of the plan from the code that relies on them.
 """
 
 from __future__ import annotations
