@@ -332,6 +332,32 @@ def test_a_worker_cannot_make_the_client_fetch_from_a_host_it_chose(
         server.shutdown()
 
 
+def add_one(x: int) -> int:
+    return x + 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cache.Cache.plan unpickles a hit with plain pickle.loads, also for submit(cache=True, safe=True): who "
+    "can write the cache lake — a worker, a colleague whose cache is read — runs code on the client (lead: "
+    "cache.py should load hits through safepickle when the call is safe, as MQExecutor's cache does)",
+)
+def test_a_crafted_cache_record_is_refused_under_safe(
+    broker_url: str, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    from mqexec.cache import Cache, memo_key
+
+    marker = tmp_path / "marker"
+    cache_url = f"file://{tmp_path / 'cache'}"
+    namespace, key = memo_key(add_one, (41,), {})
+    assert Cache(cache_url).store(namespace, key, evil_pickle(marker)) is None  # what a worker may write there
+    with mqexec.Client(broker_url, **{**settings, "cache_url": cache_url}) as client:
+        future = client.submit(add_one, 41, cache=True, safe=True)
+        with pytest.raises(UnsafeResultError, match=r"builtins\.exec"):
+            future.result(timeout=10)
+    assert not marker.exists()
+
+
 # -- MQExecutor: outputs always through the allow-list ------------------------------------------------------------
 
 
