@@ -147,6 +147,30 @@ def test_memoized_calls_on_workers(client, start_worker, xrootd_server: LakeServ
     assert cache.plan(other, calls).hits == {}
 
 
+def test_submit_and_map_with_cache_true(broker_url, settings, start_worker, tmp_path: Path) -> None:
+    """``submit/map(..., cache=True)``: a second client (a rerun) runs nothing; other code or arguments run."""
+    import mqexec
+
+    start_worker("--concurrency", "2")
+    log = tmp_path / "calls.log"
+    options = {**settings, "cache_url": str(tmp_path / "memo")}
+    with mqexec.Client(broker_url, **options) as client:
+        assert client.gather(client.map(_counted_square, [str(log)] * 4, range(4), cache=True)) == [0, 1, 4, 9]
+        assert client.submit(_counted_square, str(log), 5, cache=True).result(60) == 25
+    assert sorted(int(x) for x in log.read_text().split()) == [0, 1, 2, 3, 5]
+    with mqexec.Client(broker_url, **options) as client:  # the rerun: every call is found in the lake
+        futures = client.map(_counted_square, [str(log)] * 5, range(5), cache=True)
+        assert client.gather(futures) == [0, 1, 4, 9, 16]
+        assert client.stats()["counts"]["cache_hits"] == 4
+        dependent = client.submit(lambda x: x + 1, futures[3])  # a hit's value feeds a task like any result
+        assert dependent.result(60) == 10
+    assert sorted(int(x) for x in log.read_text().split()) == [0, 1, 2, 3, 4, 5]  # only x=4 was new
+    with mqexec.Client(broker_url, **options) as client, pytest.raises(ValueError, match="pass values"):
+        client.submit(_counted_square, str(log), client.submit(abs, -1), cache=True)
+    with mqexec.Client(broker_url, **settings) as client, pytest.raises(mqexec.ConfigError, match="cache_url"):
+        client.submit(_counted_square, str(log), 1, cache=True)
+
+
 def test_shared_caches_read_a_colleague_s_write_your_own(tmp_path: Path) -> None:
     colleague, mine = tmp_path / "colleague", tmp_path / "mine"
     log = tmp_path / "calls.log"

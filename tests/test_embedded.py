@@ -51,3 +51,12 @@ def test_a_local_worker_killed_mid_task_is_restarted_and_nothing_is_lost(no_brok
         assert fut.result(timeout=60) == 40
         assert len(log.read_text().splitlines()) == 2, log.read_text()
         assert client.submit(lambda: 2, pure=False).result(timeout=60) == 2
+
+
+def test_settings_reach_the_embedded_workers_whole(no_broker_configured):
+    """Issue 8's first bug: the embedded workers got four hand-picked settings, so a client with its own queue
+    prefix never had a task run (it timed out after 20 s). Now the whole config travels (``MQEXEC_CONFIG``)."""
+    with mqexec.Client(queue_prefix="ana", lease_interval=2.0, lease_timeout=9.0) as client:
+        worker_config = client.submit(lambda: mqexec.Config.load(), pure=False).result(timeout=60)
+        assert (worker_config.queue_prefix, worker_config.lease_interval) == ("ana", 2.0)
+        assert not worker_config.identity and worker_config.secret.startswith("mqxw1.")  # the verifying half only
