@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .broker import drop
 from .errors import MQExecError
 from .topology import blob_queue_name
 from .wire import sha256
@@ -80,8 +81,10 @@ class BlobCache:
         conn = self._connect()
         try:
             data = b"".join(_read(conn, name) for name in names)
-        finally:
-            conn.release()
+        except BaseException:
+            drop(conn)
+            raise
+        conn.release()
         if sha256(data) != digest:
             raise MQExecError(f"blob {digest[:12]} is corrupt on the broker (sha256 differs)")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,11 @@ kombu retries a refused connection forever by default; mqexec instead tries each
 ``connect_timeout`` seconds, and raises :class:`BrokerError` with a sentence naming the cause — wrong host, port,
 password, vhost, CA or certificate name. A password never appears in a message (:func:`redact`).
 
+A broker may also vanish without a word (a NAT forgot the connection: no FIN, no RST). Every wait for its answer
+on a connection made here — a declare, a publisher confirm, the close handshake — is therefore bounded
+(:func:`io_timeout`, two heartbeat intervals), and a connection that failed is dropped without a handshake
+(:func:`drop`).
+
 >>> redact("amqp://guest:SECRET@host:5672//")
 'amqp://guest:***@host:5672//'
 >>> transport_of("amqp://guest:guest@127.0.0.1:5672//").quorum
@@ -16,6 +21,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import socket
 import ssl
@@ -128,43 +134,70 @@ def ssl_options(cfg: Config) -> dict[str, Any] | None:
     return opts
 
 
-def connection(cfg: Config, url: str | None = None, *, heartbeat: float = 0, confirm: bool = False) -> Connection:
+def io_timeout(cfg: Config) -> float:
+    """How long mqexec waits for a broker that says nothing before it counts the connection as dead: two
+    heartbeat intervals (as a heartbeat check would), at least ``connect_timeout``."""
+    return max(2 * cfg.heartbeat, cfg.connect_timeout)
+
+
+def connection(
+    cfg: Config,
+    url: str | None = None,
+    *,
+    heartbeat: float = 0,
+    confirm: bool = False,
+    timeout: float | None = None,
+) -> Connection:
     """A kombu ``Connection`` object for ``url`` (default: the first of the config's), not yet connected;
-    ``confirm``: every publish waits for the broker's confirmation."""
+    ``confirm``: every publish waits for the broker's confirmation; ``timeout``: the longest wait for the broker's
+    answer (default :func:`io_timeout`), after which a call raises ``TimeoutError``."""
     from kombu import Connection
 
     target = url or split_urls(cfg.broker_url or "")[0]
     if cfg.transport.kombu_scheme == "mqfs":
         from .fstransport import kombu_args
 
-        furl, options = kombu_args(target)
-        return Connection(furl, transport_options=options)
+        furl, fs_options = kombu_args(target)
+        return Connection(furl, transport_options=fs_options)
+    bound = timeout if timeout is not None else io_timeout(cfg)
+    options: dict[str, Any] = {"read_timeout": bound, "write_timeout": bound}  # py-amqp: SO_RCVTIMEO/SO_SNDTIMEO
+    if confirm:
+        options["confirm_publish"] = True
     return Connection(
         _kombu_url(target),
         connect_timeout=cfg.connect_timeout,
         heartbeat=heartbeat,
         ssl=ssl_options(cfg) or False,
         login_method="EXTERNAL" if cfg.tls_cert else None,
-        transport_options={"confirm_publish": True} if confirm else {},
+        transport_options=options,
     )
 
 
-def connect(cfg: Config, *, heartbeat: float = 0, confirm: bool = False) -> Connection:
+def connect(cfg: Config, *, heartbeat: float = 0, confirm: bool = False, timeout: float | None = None) -> Connection:
     """An open connection to the first broker of the config's list that answers, or :class:`BrokerError`.
 
-    Each URL gets ``connect_timeout`` seconds; the error names the first URL's cause.
+    Each URL gets ``connect_timeout`` seconds; the error names the first URL's cause. ``confirm``, ``timeout``: as
+    for :func:`connection`.
     """
     first: BrokerError | None = None
     for url in split_urls(cfg.broker_url or ""):
-        conn = connection(cfg, url, heartbeat=heartbeat, confirm=confirm)
+        conn = connection(cfg, url, heartbeat=heartbeat, confirm=confirm, timeout=timeout)
         try:
             conn.connect()
         except Exception as exc:
-            conn.release()
+            drop(conn)
             first = first or explain(exc, cfg, url)
             continue
         return conn
     raise first or BrokerError("no broker URL is configured")
+
+
+def drop(conn: Connection | None) -> None:
+    """Let go of a connection that failed, without the close handshake: a broker that vanished would never
+    answer it."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.collect()
 
 
 def explain(exc: BaseException, cfg: Config, url: str | None = None) -> BrokerError:

@@ -28,7 +28,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .blobs import pieces
-from .broker import connect, redact
+from .broker import connect, drop, redact
 from .errors import BrokerError, SignatureError, TaskDeadLettered
 from .futures import Lazy
 from .ledger import CallRecord, Ledger, MessageRecord
@@ -164,7 +164,7 @@ class Courier(threading.Thread):
             )
             self._consumer.consume()
         except Exception:
-            self._disconnect()
+            self._disconnect(graceful=False)
             raise
         self._declared.clear()
         if self._outage:
@@ -189,11 +189,13 @@ class Courier(threading.Thread):
                 if m.lease_until is None:
                     self.ledger.resend(m.id, died=False, why="the client was gone long enough to be skipped")
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, *, graceful: bool = True) -> None:
+        """Close both connections; after a failure without the close handshake (the broker may be silently gone)."""
         for conn in (self._in, self._out):
-            if conn is not None:
+            if conn is not None and graceful:
                 with contextlib.suppress(Exception):
                     conn.release()
+            drop(conn)
         self._in = self._out = self._channel = self._consumer = None
 
     def _lost(self, exc: BaseException) -> None:
@@ -201,7 +203,7 @@ class Courier(threading.Thread):
         if not self._outage:
             log.warning("client %s lost the broker (%s); reconnecting", self.session, text)
         self._outage = text
-        self._disconnect()
+        self._disconnect(graceful=False)
 
     # -- the loop ----------------------------------------------------------------------------------------------
 

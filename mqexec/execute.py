@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .blobs import BlobCache, MissingBlob, pieces
+from .broker import connect, drop
 from .codeship import Installer
 from .errors import EnvironmentMismatch, SerializationError
 from .remote import describe
@@ -194,8 +195,6 @@ class Executor:
     # -- results ------------------------------------------------------------------------------------------------
 
     def _connection(self) -> Any:
-        from .broker import connect
-
         return connect(self.cfg)
 
     def publish(self, task: Task, outcomes: list[Outcome], big: list[list[bytes]]) -> None:
@@ -213,8 +212,6 @@ class Executor:
         while True:
             try:
                 if self._conn is None:
-                    from .broker import connect
-
                     self._conn = connect(self.cfg, confirm=True)
                 channel = self._conn.default_channel
                 for body in frames:
@@ -227,12 +224,12 @@ class Executor:
                     channel.basic_publish(message, exchange="", routing_key=task.reply_to)
                 return
             except Exception as exc:
-                if self._conn is not None:
-                    self._conn.release()
-                    self._conn = None
+                drop(self._conn)
+                self._conn = None
                 if time.monotonic() > deadline:
                     log.error("gave up sending the result of task %s (%s); its client will send it again", task.id, exc)
                     return
-                log.warning("sending the result of task %s failed (%s): retrying in %.1f s", task.id, exc, delay)
+                why = f"{type(exc).__name__}: {exc}"
+                log.warning("sending the result of task %s failed (%s): retrying in %.1f s", task.id, why, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
