@@ -108,7 +108,12 @@ class Gate:
             self.renew()
 
     def detach(self) -> None:
+        """The worker's connection is gone (or closing): so is the session check's, most likely."""
+        from .broker import drop
+
         self._consumer = self._channel = None
+        drop(self._check_conn)
+        self._check_conn = None
 
     # -- a delivery -----------------------------------------------------------------------------------------------
 
@@ -204,10 +209,10 @@ class Gate:
         """Consumers of ``queue`` (None: it does not exist)."""
         from amqp.exceptions import NotFound
 
-        from .broker import connect
+        from .broker import connect, drop
 
-        if self._check_conn is None:
-            self._check_conn = connect(self.cfg)
+        if self._check_conn is None:  # a passive declare answers at once: wait no longer than for a connection
+            self._check_conn = connect(self.cfg, timeout=self.cfg.connect_timeout)
         try:
             channel = self._check_conn.channel()
             try:
@@ -218,7 +223,7 @@ class Gate:
         except NotFound:
             return None
         except Exception:
-            self._check_conn.release()
+            drop(self._check_conn)
             self._check_conn = None
             raise
 
@@ -361,10 +366,10 @@ class Tasks(bootsteps.StartStopStep):  # type: ignore[misc]
             self._timer = None
         if c.task_consumer is None or _gate is None:
             return
-        if c.blueprint.state in (bootsteps.CLOSE, bootsteps.TERMINATE):
-            _gate.stop_taking("the worker is stopping")
-        else:  # the connection was lost and Celery restarts the consumer: the gate keeps its tasks and leases
+        if _restarting(c):  # the connection was lost and Celery restarts the consumer: the gate keeps its tasks
             _gate.detach()
+        else:
+            _gate.stop_taking("the worker is stopping")
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
@@ -391,6 +396,27 @@ class Tasks(bootsteps.StartStopStep):  # type: ignore[misc]
                 "taken": gate.taken if gate else 0,
             }
         }
+
+
+def _restarting(c: Any) -> bool:
+    """Whether Celery stops the consumer's steps to reconnect (a lost connection), not to end the worker."""
+    return bool(c.blueprint.state == bootsteps.RUN)
+
+
+class DropEventConnection(bootsteps.StartStopStep):  # type: ignore[misc]
+    """After a lost connection, drops the event dispatcher's connection without the close handshake.
+
+    Celery drops its task connection (bounded, no handshake) but closes the event connection politely when it
+    reconnects; a broker that vanished (a NAT forgot the connection) never answers, and the worker waited
+    ``io_timeout`` for every step of the handshake while its new connection missed its heartbeats."""
+
+    requires = ("celery.worker.consumer.events:Events",)
+
+    def stop(self, c: Any) -> None:
+        from .broker import drop
+
+        if _restarting(c) and c.event_dispatcher is not None:
+            drop(c.event_dispatcher.connection)  # events sent meanwhile are buffered and flushed after reconnecting
 
 
 class Request(CeleryRequest):  # type: ignore[misc]
@@ -445,8 +471,9 @@ def _left(msg: str, lost: str = "") -> None:
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer with mqexec's intake and remote-control steps, and without native delayed delivery
-    (mqexec sends no countdown/ETA tasks; it would declare 27 ``celery_delayed_*`` queues)."""
+    """Celery's consumer with mqexec's intake and remote-control steps, the event connection dropped after a lost
+    connection, and without native delayed delivery (mqexec sends no countdown/ETA tasks; it would declare 27
+    ``celery_delayed_*`` queues)."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc,name-defined]
         default_steps = [
@@ -456,7 +483,16 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             }.get(s, s)
             for s in CeleryConsumer.Blueprint.default_steps
             if "delayed_delivery" not in s
-        ]
+        ] + ["mqexec.intake:DropEventConnection"]
 
 
-__all__ = ["Consumer", "ControlStep_", "Gate", "Request", "Tasks", "current_gate", "dirac_job_id"]
+__all__ = [
+    "Consumer",
+    "ControlStep_",
+    "DropEventConnection",
+    "Gate",
+    "Request",
+    "Tasks",
+    "current_gate",
+    "dirac_job_id",
+]

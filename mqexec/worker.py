@@ -7,7 +7,10 @@
     pool process ──(signed frames)──▶ the client's results queue   (big results: data lake, or pieces)
 
 It listens on no port. The prefork pool is used even for ``--concurrency 1``: the main process keeps
-heartbeating and renewing leases while a task runs.
+heartbeating and renewing leases while a task runs. Celery's own connections get the same bound on every wait
+for the broker as mqexec's (``broker.io_timeout``): after a silent loss, Celery closes its event connection
+politely, and without a bound it would wait for the vanished broker's answer forever. Its remote-control queue is
+not exclusive, so that a worker may reconnect before the broker has noticed that the old connection died.
 
     mqexec worker --broker amqps://user:pw@broker.example:5671/vhost --concurrency 8 \\
                   --idle-timeout 600 --max-walltime 47h
@@ -21,7 +24,7 @@ import socket
 import sys
 import time
 
-from .broker import connect, redact
+from .broker import connect, io_timeout, redact
 from .config import Config
 from .errors import ConfigError
 
@@ -81,6 +84,17 @@ def run_worker(
     from .topology import task_queue_name
 
     app = make_app(cfg, worker=True)
+    if cfg.transport.heartbeats:
+        bound = io_timeout(cfg)
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "read_timeout": bound,
+            "write_timeout": bound,
+        }
+        # a worker that reconnects before the broker has noticed its old connection die would find its exclusive
+        # remote-control queue still locked by it (RESOURCE_LOCKED: Celery stops with "Unrecoverable error")
+        app.conf.control_queue_exclusive = False
+        warnings.filterwarnings("ignore", message="A node named .* is already using this process mailbox")
     queues = [task_queue_name(cfg)] + [task_queue_name(cfg, r) for r in sorted(cfg.resources)]
     name = hostname or default_hostname(cfg)
     started = time.monotonic()
