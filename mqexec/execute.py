@@ -3,11 +3,13 @@
     task (checked by the gate, intake.py) ──▶ Python version? (else: EnvironmentMismatch, nothing unpickled)
         ──▶ the analysis's modules (codeship.Installer) ──▶ the function (inline, or blob cache by hash)
         ──▶ for each call: arguments (futures inside resolved to their values) ──▶ run (retries; coroutines
-            awaited) ──▶ value pickled: inline · data lake (above result_inline_limit, when configured) ·
-            pieces (above piece_size, without a lake)
-        ──▶ piece frames + one result frame, signed, publisher-confirmed ──▶ the client's results queue
+            awaited) ──▶ value pickled: data lake (above result_inline_limit, when configured) · else the broker
+        ──▶ one result frame, with the values that fit into piece_size together; each other value in piece frames
+            of piece_size ──▶ signed, publisher-confirmed ──▶ the client's results queue
 
-Errors travel as descriptions (``remote.py``), never as pickles. Publishing is retried across broker blips for
+No message is larger than ``piece_size`` (plus a small head), however big a value or a batch of values; a broker
+that refuses a message as too large (its ``max_message_size``) is answered with pieces below its limit from then
+on. Errors travel as descriptions (``remote.py``), never as pickles. Publishing is retried across broker blips for
 up to ``lease_timeout``; if it still fails, the client's lease runs out and it sends the task again.
 """
 
@@ -18,8 +20,10 @@ import inspect
 import logging
 import os
 import pickle
+import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .blobs import BlobCache, MissingBlob, pieces
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqexec.worker")
 _executor: Executor | None = None
+_TOO_LARGE = re.compile(r"larger than configured max size (\d+)")  #: RabbitMQ's PRECONDITION_FAILED text
+_HEAD_ROOM = 64 * 1024  #: a frame's bytes besides its value (head, signature)
 
 
 def run(cfg: Config, wire: Any, hostname: str) -> None:
@@ -55,15 +61,14 @@ class Executor:
         self.code = Installer(cfg.cache_dir)
         self._lakes: dict[str, Any] = {}
         self._conn: Any = None
-        self._pieces: dict[tuple[str, Key], list[bytes]] = {}
+        self._piece_size = cfg.piece_size  #: lowered when the broker refuses a message as too large
         self._task_lake: str | None = None
 
     def __call__(self, wire: Any) -> None:
         started = time.perf_counter()
         task = Task.verify(wire, self.trust)
         outcomes = self.run(task)
-        pending = [o for o in outcomes if o.pieces]
-        self.publish(task, outcomes, [self._pieces.pop((task.id, o.key)) for o in pending])
+        self.publish(task, outcomes)
         failed = sum(not o.ok for o in outcomes)
         label = task.calls[0].label + (f" +{len(task.calls) - 1} more" if len(task.calls) > 1 else "")
         log.info("ran %s in %.3f s%s", label, time.perf_counter() - started, f", {failed} failed" if failed else "")
@@ -179,11 +184,7 @@ class Executor:
                     call.label,
                     exc,
                 )
-        if len(data) > self.cfg.piece_size:
-            self._pieces[(task.id, call.key)] = pieces(data, self.cfg.piece_size)
-            n = len(self._pieces[(task.id, call.key)])
-            return Outcome(call.key, True, type_name, pieces=n, size=len(data), sha=sha256(data))
-        return Outcome(call.key, True, type_name, value=data)
+        return Outcome(call.key, True, type_name, value=data)  # how it travels: see _frames
 
     def _lake(self, url: str) -> Any:
         from .lake import open_lake
@@ -197,16 +198,47 @@ class Executor:
     def _connection(self) -> Any:
         return connect(self.cfg)
 
-    def publish(self, task: Task, outcomes: list[Outcome], big: list[list[bytes]]) -> None:
-        """Pieces, then the result frame, each confirmed by the broker; retried across blips."""
-        key = self.trust.result_key(task.session)
+    def _frames(self, task: Task, outcomes: list[Outcome], key: bytes) -> list[bytes]:
+        """The signed frames of a task's outcomes: the values that fit into ``piece_size`` together travel in the
+        result frame (last), each other one in piece frames of its own."""
         frames: list[bytes] = []
-        for o, parts in zip([o for o in outcomes if o.pieces], big, strict=True):
-            for i, part in enumerate(parts):
-                head = {"msg": task.id, "k": key_to_json(o.key), "i": i}
-                frames.append(Frame("piece", task.session, self.hostname, head, (part,)).encode(key))
+        room = self._piece_size
+        sent = []
+        for o in outcomes:
+            if o.value is not None and len(o.value) > room:
+                parts = pieces(o.value, self._piece_size)
+                for i, part in enumerate(parts):
+                    head = {"msg": task.id, "k": key_to_json(o.key), "i": i}
+                    frames.append(Frame("piece", task.session, self.hostname, head, (part,)).encode(key))
+                o = replace(o, value=None, pieces=len(parts), size=len(o.value), sha=sha256(o.value))
+            elif o.value is not None:
+                room -= len(o.value)
+            sent.append(o)
         site = os.environ.get("DIRACSITE", "")
-        frames.append(result_frame(task.session, self.hostname, task.id, outcomes, site).encode(key))
+        frames.append(result_frame(task.session, self.hostname, task.id, sent, site).encode(key))
+        return frames
+
+    def _fit_below(self, exc: BaseException) -> bool:
+        """If the broker refused a message as larger than its ``max_message_size``: cut pieces below that from now
+        on, and say so once. True if the frames are to be cut again."""
+        found = _TOO_LARGE.search(str(exc))
+        if found is None or int(found.group(1)) - _HEAD_ROOM >= self._piece_size:
+            return False
+        limit = int(found.group(1))
+        self._piece_size = max(limit - _HEAD_ROOM, _HEAD_ROOM)
+        log.warning(
+            "the broker refuses messages over %d bytes (its max_message_size), below piece_size: sending results in "
+            "pieces of %d bytes from now on (set MQEXEC_PIECE_SIZE below %d)",
+            limit,
+            self._piece_size,
+            limit,
+        )
+        return True
+
+    def publish(self, task: Task, outcomes: list[Outcome]) -> None:
+        """The outcomes' frames (:meth:`_frames`), each confirmed by the broker; retried across blips."""
+        key = self.trust.result_key(task.session)
+        frames = self._frames(task, outcomes, key)
         deadline = time.monotonic() + self.cfg.lease_timeout
         delay = 0.2
         while True:
@@ -226,6 +258,9 @@ class Executor:
             except Exception as exc:
                 drop(self._conn)
                 self._conn = None
+                if self._fit_below(exc):
+                    frames = self._frames(task, outcomes, key)
+                    continue
                 if time.monotonic() > deadline:
                     log.error("gave up sending the result of task %s (%s); its client will send it again", task.id, exc)
                     return
