@@ -47,10 +47,12 @@ import sysconfig
 import time
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UnsafeResultError
 from .lake import Lake, LakeError, cache_key, open_lake
+from .safepickle import loads as safe_loads
 
 __all__ = ["Cache", "MemoPlan", "Memoized", "args_key", "identity", "memo_key"]
 
@@ -405,18 +407,26 @@ class Cache:
         except LakeError as exc:
             self._problem("write", self.write_url, exc)
 
-    def plan(self, fn: Callable[..., Any], calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> MemoPlan:
+    def plan(
+        self, fn: Callable[..., Any], calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]], *, safe: bool = False
+    ) -> MemoPlan:
         """What to do for memoized calls of ``fn``: which are cached already (one lookup for all of them)
-        and the wrapper to run the others with (see :class:`MemoPlan`)."""
+        and the wrapper to run the others with (see :class:`MemoPlan`). ``safe``: hits are unpickled through
+        the allow-list (``mqexec.safepickle``) — who can write the lake (a worker, a colleague) is trusted no
+        more than a worker's results."""
         namespace = memo_key(fn, (), {})[0]
         keys = [args_key(*args, **kwargs) for args, kwargs in calls]
         found = self.lookup(namespace, keys)
         hits: dict[int, Any] = {}
+        refused: dict[int, BaseException] = {}
         for i, key in enumerate(keys):
             data = self.load(namespace, key, found[key]) if key in found else None
             if data is not None:
-                hits[i] = pickle.loads(data)
-        return MemoPlan(Memoized(fn, self, namespace), keys, hits)
+                try:
+                    hits[i] = safe_loads(data) if safe else pickle.loads(data)
+                except UnsafeResultError as exc:  # never used, never run again over it: the caller says so
+                    refused[i] = exc
+        return MemoPlan(Memoized(fn, self, namespace), keys, hits, refused)
 
 
 @dataclass
@@ -427,6 +437,7 @@ class MemoPlan:
     function: Memoized
     keys: list[str]
     hits: dict[int, Any]
+    refused: dict[int, BaseException] = field(default_factory=dict)  #: records the allow-list refused (``safe``)
 
 
 class Memoized:

@@ -304,12 +304,18 @@ class Client:
             raise ConfigError("cache=True needs a cache: Client(cache_url='root://host//path') or MQEXEC_CACHE_URL")
         if futures_of([args_kwargs for args_kwargs in calls]):
             raise ValueError(f"cache=True memoizes {name}() by the values of its arguments: pass values, not futures")
-        plan = Cache(self.config.cache_url.split(",")).plan(fn, calls)
+        safe = self.config.safe_results if options.safe is None else options.safe
+        plan = Cache(self.config.cache_url.split(",")).plan(fn, calls, safe=safe)
         futures: list[Future] = []
         plain = dataclasses.replace(options, cache=False)
         for i, (args, kwargs) in enumerate(calls):
             key = keys[i] if keys is not None else f"{prefix or name}-{plan.keys[i][:32]}"
             label = labels[i] if labels else _label(name, args, kwargs)
+            if i in plan.refused:
+                state, _ = self._ledger.state(key)
+                state.fail(plan.refused[i])
+                futures.append(Future(key, state, self))
+                continue
             if i not in plan.hits:
                 call = [((plan.keys[i], *args), kwargs)]
                 futures += self._submit(plan.function, call, [key], None, [label], plain)
@@ -453,12 +459,19 @@ class Client:
         return load
 
     def _from_lake(self, ref: Ref) -> bytes:
+        """A result a worker put into the data lake — read only from this client's own ``lake_url``: a worker
+        cannot make the client fetch from (and send its grid credentials to) a host the worker chose."""
         from .lake import LakeRef, open_lake
 
         assert ref.lake is not None
-        lake = open_lake(self.config.lake_url or ref.lake["url"])
+        if not self.config.lake_url:
+            raise SerializationError(
+                f"a worker answered with a data-lake reference ({ref.lake.get('url')!r}), but this client has no "
+                "lake_url: refused (set lake_url to read big results from your own lake)"
+            )
+        lake = open_lake(self.config.lake_url)
         assert lake is not None
-        return bytes(lake.get(LakeRef.from_dict(ref.lake)))
+        return bytes(lake.get(LakeRef.from_dict(ref.lake)))  # LakeError if the reference is not inside that lake
 
     def stats(self) -> dict[str, Any]:
         """What this session did so far, for a run summary: outcomes per worker and site, resends, dead letters.

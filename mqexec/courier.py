@@ -511,9 +511,10 @@ class Courier(threading.Thread):
                 return
             exc = rebuild(outcome.error or {}, worker)
             self.ledger.outcome(mid, outcome.key, lambda s: s.fail(exc), None)
-        except Exception:
+        except Exception as err:
             log.exception("could not settle %s", outcome.key)
-            self.ledger.outcome(mid, outcome.key, lambda s: s.fail(exc), None)
+            failure: BaseException = err  # (the name ``err`` is gone after the block; the lambda runs inside it)
+            self.ledger.outcome(mid, outcome.key, lambda s: s.fail(failure), None)
 
     def _value(self, mid: str, outcome: Outcome) -> tuple[bytes | None, Ref]:
         if outcome.value is not None:

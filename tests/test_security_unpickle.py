@@ -264,11 +264,6 @@ def test_a_crafted_value_is_refused_under_safe(
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="courier.Courier._settle: when an accepted outcome cannot be settled (pieces that never come), its "
-    "fallback calls s.fail(exc) with exc unbound — NameError — so the future stays pending (lead: courier.py)",
-)
 def test_a_value_announced_in_pieces_that_never_come_fails_its_future(
     start_worker: Callable[..., Worker], client: mqexec.Client
 ) -> None:
@@ -298,13 +293,6 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.Client._from_lake opens ref.lake['url'] — a URL the worker chose — when the client has no "
-    "lake_url, with the grid credentials of its environment: a worker makes the client send its WLCG bearer token "
-    "to any host (lead: client.py should read results only from its own lake_url and refuse a lake reference "
-    "otherwise)",
-)
 def test_a_worker_cannot_make_the_client_fetch_from_a_host_it_chose(
     start_worker: Callable[..., Worker], client: mqexec.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,12 +324,6 @@ def add_one(x: int) -> int:
     return x + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache.Cache.plan unpickles a hit with plain pickle.loads, also for submit(cache=True, safe=True): who "
-    "can write the cache lake — a worker, a colleague whose cache is read — runs code on the client (lead: "
-    "cache.py should load hits through safepickle when the call is safe, as MQExecutor's cache does)",
-)
 def test_a_crafted_cache_record_is_refused_under_safe(
     broker_url: str, settings: dict[str, Any], tmp_path: Path
 ) -> None:
