@@ -88,6 +88,7 @@ class Courier(threading.Thread):
         self._diagnosing = False
         self._outage = ""
         self._deaths_seen = 0
+        self._to_ack: Any = None  # the last message taken from the results queue, not yet acknowledged
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class Courier(threading.Thread):
                 with contextlib.suppress(Exception):
                     conn.release()
             drop(conn)
-        self._in = self._out = self._channel = self._consumer = None
+        self._in = self._out = self._channel = self._consumer = self._to_ack = None
 
     def _lost(self, exc: BaseException) -> None:
         text = redact(f"{type(exc).__name__}: {exc}")
@@ -237,11 +238,16 @@ class Courier(threading.Thread):
                 os.read(self._wake_r, 4096)
 
     def _drain(self, conn: Any) -> None:
-        for _ in range(10_000):
-            try:
-                conn.drain_events(timeout=0)
-            except (TimeoutError, BlockingIOError):
-                return
+        try:
+            for _ in range(10_000):
+                try:
+                    conn.drain_events(timeout=0)
+                except (TimeoutError, BlockingIOError):
+                    return
+        finally:
+            if self._to_ack is not None and conn is self._in:
+                message, self._to_ack = self._to_ack, None
+                message.ack(multiple=True)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -470,7 +476,10 @@ class Courier(threading.Thread):
                 self._on_dead_letter(message)
         except Exception:
             log.exception("could not process a message on %s", self.reply_to)
-        message.ack()
+        if self.cfg.transport.confirms:
+            self._to_ack = message  # acknowledged with all before it once the drain is over (one ack, not one each)
+        else:
+            message.ack()  # kombu's virtual transports ignore ``multiple``
 
     def _on_frame(self, raw: bytes) -> None:
         try:

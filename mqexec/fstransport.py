@@ -3,7 +3,7 @@
 kombu 5.7 writes a message file in place, and a reader may move and read it before the writer has written it:
 the reader gets an empty message, and the message is gone (measured here: a result lost within 2,000 tasks).
 This transport writes to a hidden temporary name and renames it into place, so a message file is visible only
-whole. Registered with kombu as ``mqfs://``; users write ``filesystem:///dir`` (see :mod:`mqexec.app`).
+whole. Registered with kombu as ``mqfs://``; users write ``filesystem:///dir`` (see :mod:`mqexec.broker`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kombu.exceptions import ChannelError
-from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.transport import TRANSPORT_ALIASES, filesystem, virtual
 from kombu.utils.json import dumps
 
 
@@ -34,7 +34,18 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
 
 
 class Transport(filesystem.Transport):  # type: ignore[misc]
+    """kombu keeps the declared exchanges and bindings of *every* file-system broker of a process in one
+    in-memory state, and skips writing a binding it has seen — so a second broker folder in the same process (the
+    next embedded cluster) never got the binding file of its task queue, and every task sent to it was dropped as
+    undeliverable. Here each broker folder has a state of its own."""
+
     Channel = Channel
+    _states: dict[str, Any] = {}
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        folder = (client.transport_options or {}).get("control_folder", "")
+        self.state = self._states.setdefault(folder, virtual.BrokerState())
 
 
 TRANSPORT_ALIASES["mqfs"] = f"{__name__}:Transport"

@@ -60,3 +60,12 @@ def test_settings_reach_the_embedded_workers_whole(no_broker_configured):
         worker_config = client.submit(lambda: mqexec.Config.load(), pure=False).result(timeout=60)
         assert (worker_config.queue_prefix, worker_config.lease_interval) == ("ana", 2.0)
         assert not worker_config.identity and worker_config.secret.startswith("mqxw1.")  # the verifying half only
+
+
+def test_one_embedded_cluster_after_another_in_one_process(no_broker_configured):
+    """kombu kept the bindings of every file-system broker of a process in one in-memory state, so the second
+    embedded cluster of a process (other settings: another cluster) never got its task queue's binding and its
+    tasks were dropped — a notebook's second ``Client()`` hung."""
+    for n, grace in enumerate((2.0, 3.0, 4.0)):
+        with mqexec.Client(no_worker_grace=grace) as client:
+            assert client.submit(lambda x: x * 2, n, pure=False).result(timeout=30) == 2 * n
