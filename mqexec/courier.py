@@ -9,10 +9,11 @@
 
 Nothing here blocks a user thread: ``submit`` returns as soon as the call is in the ledger, and many calls go
 out back to back before their confirmations are awaited. A silent peer (a NAT dropped the connection) is found by
-AMQP heartbeats within about two intervals; then both connections are rebuilt (the next URL of a failover list
-first), unconfirmed messages are sent again, and — if the client was gone long enough that workers may have
-skipped its tasks as a dead session's — so are the tasks no worker had taken. Calls that cannot be sent for
-``publish_timeout`` fail with :class:`BrokerError` and are forgotten, so the same call submitted again runs.
+AMQP heartbeats within about two intervals; then both connections are rebuilt, unconfirmed messages are sent
+again, and so is every task a worker skipped while the client was away (a worker that takes the client for gone
+leaves a "skipped" note in its results queue) — or, if that queue expired meanwhile, every task no worker holds.
+Calls that cannot be sent for ``publish_timeout`` fail with :class:`BrokerError` and are forgotten, so the same
+call submitted again runs.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Courier(threading.Thread):
         self._diagnosing = False
         self._outage = ""
         self._deaths_seen = 0
+        self._connected = False  #: connected before (a connect is a reconnect)
         self._to_ack: Any = None  # the last message taken from the results queue, not yet acknowledged
 
     # -- life cycle ---------------------------------------------------------------------------------------------
@@ -156,6 +158,7 @@ class Courier(threading.Thread):
             channel = self._in.default_channel
             if self.cfg.transport.quorum:
                 dead_queue(self.cfg)(channel).declare()
+            expired = self._connected and self.cfg.transport.quorum and self._results_queue_expired()
             queue = results_queue(self.cfg, self.session)(channel)
             queue.declare()
             from kombu import Consumer
@@ -172,10 +175,26 @@ class Courier(threading.Thread):
             log.warning("client %s reconnected to the broker after %.1f s", self.session, gap)
             self._outage = ""
         self.last_ok = time.monotonic()
-        self._after_reconnect(gap)
+        self._connected = True
+        self._after_reconnect(expired)
 
-    def _after_reconnect(self, gap: float) -> None:
-        """Send again what may not have reached the broker, and what workers may have skipped meanwhile."""
+    def _results_queue_expired(self) -> bool:
+        """Whether the broker deleted this session's results queue while the client was away (``session_expire``)."""
+        from amqp.exceptions import NotFound
+
+        channel = self._in.channel()
+        try:
+            channel.queue_declare(queue=self.reply_to, passive=True)
+        except NotFound:
+            return True
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+        return False
+
+    def _after_reconnect(self, expired: bool) -> None:
+        """Send again what may not have reached the broker; if the results queue expired meanwhile (with the
+        workers' "skipped" notes in it), every task no worker holds."""
         for mid in list(self._unconfirmed.values()):
             if mid.startswith("blob:"):
                 digest = mid[5:]
@@ -185,10 +204,10 @@ class Courier(threading.Thread):
             else:
                 self.ledger.resend(mid, died=False, why="unconfirmed when the connection was lost")
         self._unconfirmed.clear()
-        if gap >= max(self.cfg.session_grace - 3.0, 0.0) and self.cfg.transport.quorum:
+        if expired:
             for m in self.ledger.in_flight():
                 if m.lease_until is None:
-                    self.ledger.resend(m.id, died=False, why="the client was gone long enough to be skipped")
+                    self.ledger.resend(m.id, died=False, why="the client was gone longer than session_expire")
 
     def _disconnect(self, *, graceful: bool = True) -> None:
         """Close both connections; after a failure without the close handshake (the broker may be silently gone)."""
@@ -495,6 +514,8 @@ class Courier(threading.Thread):
             self.ledger.leased(head.get("held", []), frame.worker, time.monotonic())
             for mid in head.get("released", []):
                 self.ledger.resend(mid, died=False, why="its worker stopped before starting it")
+            for mid in head.get("skipped", []):
+                self.ledger.resend(mid, died=False, why="a worker skipped it while this client was away")
             for mid, why in head.get("lost", []):
                 self.ledger.counts["lost"] += 1
                 self.ledger.resend(mid, died=True, why=f"on {frame.worker}: {why}")

@@ -2,7 +2,8 @@
 
     task queue ──delivery (prefetch 1)──▶ Gate.on_message (worker main process, Celery's event loop)
         1. check: signed by the trusted identity (another key: dead-letter, go on) · for this prefix · not expired ·
-           nonce unseen (replay) · not revoked · its client session alive (else skip: the client is gone)
+           nonce unseen (replay) · not revoked · its client session alive (else skip: the client is gone; a
+           "skipped" note waits in its results queue, so that it sends the task again should it come back)
         2. lease note "held [message id]" ──▶ the client's results queue   (before the ack, same channel: a
            message the broker forgets is always one the client knows a worker holds)
         3. full (held tasks = concurrency)?  cancel the consumer — no other task waits here, unacknowledged
@@ -132,6 +133,9 @@ class Gate:
             message.reject(requeue=False)
             return
         why = self._refusal(task, message)
+        if not why and not self._session_alive(task.session, task.reply_to):
+            why = f"its client (session {task.session}) is gone"
+            self._note(task.session, task.reply_to, skipped=[task.id])  # should it come back, it sends it again
         if why:
             self._log_once(why, f"skipped task {task.id}: {why}")
             message.ack()
@@ -160,8 +164,6 @@ class Gate:
             return "it was delivered here before (a replayed message)"
         if message.headers.get("id") in state.revoked:
             return "it was cancelled"
-        if not self._session_alive(task.session, task.reply_to):
-            return f"its client (session {task.session}) is gone"
         return ""
 
     def wrong_key(self, message: Any, exc: ForeignKey, key_id: str) -> None:
@@ -179,12 +181,13 @@ class Gate:
 
     def _session_alive(self, session: str, queue: str) -> bool:
         """Whether the client of ``session`` is still there: its results queue exists and has had a consumer
-        within ``session_grace`` (checked on a connection of our own, cached for 2 s)."""
+        within ``session_grace`` (checked on a connection of our own, cached for 2 s: a client that was gone may
+        be back)."""
         if not self.cfg.transport.quorum:
             return True
         now = time.monotonic()
         s = self._sessions.get(session)
-        if s is not None and (now - s.checked < 2.0 or not s.alive):
+        if s is not None and now - s.checked < 2.0:
             return s.alive
         try:
             consumers = self._consumers(queue)
@@ -197,7 +200,7 @@ class Gate:
         if consumers is None:
             s.alive = False
         elif consumers > 0:
-            s.gone_since = None
+            s.alive, s.gone_since = True, None
         else:
             s.gone_since = s.gone_since or now
             s.alive = now - s.gone_since < self.cfg.session_grace
