@@ -204,6 +204,7 @@ class Courier(threading.Thread):
             else:
                 self.ledger.resend(mid, died=False, why="unconfirmed when the connection was lost")
         self._unconfirmed.clear()
+        self.ledger.extend_leases(time.monotonic())
         if expired:
             for m in self.ledger.in_flight():
                 if m.lease_until is None:
@@ -274,7 +275,7 @@ class Courier(threading.Thread):
             return
         self._last_check = now
         self.ledger.purge()
-        for mid in self.ledger.lapsed(now):
+        for mid in self.ledger.lapsed(now) if self._in is not None else ():  # away: the workers cannot be heard
             m = self.ledger.messages.get(mid)
             who = m.worker if m else "?"
             self.ledger.counts["lapsed"] += 1

@@ -226,6 +226,14 @@ class Ledger:
                     m.lease_until = now + self.lease_timeout
                     m.worker = worker
 
+    def extend_leases(self, now: float) -> None:
+        """Every lease runs from ``now`` again: the client could not hear the workers for a while (their notes
+        waited in its results queue), which says nothing about them."""
+        with self.lock:
+            for m in self.messages.values():
+                if m.lease_until is not None:
+                    m.lease_until = max(m.lease_until, now + self.lease_timeout)
+
     def lapsed(self, now: float) -> list[str]:
         """Messages whose lease ran out: their worker is gone."""
         with self.lock:
