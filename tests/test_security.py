@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from forge import make_task, publish
 from kombu import Connection, Exchange, Queue
+from rabbit import TlsBrokers, fixture_rabbit_tls  # noqa: F401 - the rabbit_tls fixture
 from workerproc import Worker
 
 import mqexec
@@ -334,3 +335,28 @@ def test_an_expired_task_is_not_run(
     wait_for(lambda: "it expired" in worker.text(), "the worker refused the expired task")
     assert client.submit(write_line, str(tmp_path / "later")).result(timeout=30) == "executed"  # it went on
     assert not marker.exists()
+
+
+# -- someone on the network -------------------------------------------------------------------------------------
+
+
+def test_over_amqps_nobody_can_stand_in_for_the_broker(
+    rabbit_tls: TlsBrokers, start_worker: Callable[..., Worker], settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """A client and a worker that trust the broker's CA run a task over TLS; neither talks to a broker whose
+    certificate another CA signed, or that the right CA signed for another host (a man in the middle)."""
+    pki, url = rabbit_tls.pki, rabbit_tls.node.url(tls=True)
+    worker = start_worker("--concurrency", "1", broker=url, env={"MQEXEC_TLS_CA": str(pki.ca)})
+    with mqexec.Client(url, **settings, tls_ca=str(pki.ca)) as client:
+        assert client.submit(write_line, str(tmp_path / "ran"), "over tls").result(timeout=30) == "over tls"
+    impostors = {"another CA": (url, pki.wrong_ca), "another host": (rabbit_tls.wrong_host.url(tls=True), pki.ca)}
+    for what, (address, ca) in impostors.items():
+        started = time.monotonic()
+        with pytest.raises(mqexec.BrokerError, match=r"certificate|TLS|SSL") as info:
+            mqexec.Client(address, **settings, tls_ca=str(ca))
+        assert time.monotonic() - started < 15, what
+        assert "guest:guest" not in str(info.value)
+    stranger = start_worker(broker=rabbit_tls.wrong_host.url(tls=True), env={"MQEXEC_TLS_CA": str(pki.ca)}, ready=False)
+    assert stranger.proc.wait(30) == 2
+    assert "mqexec: error:" in stranger.text() and "guest:guest" not in stranger.text()
+    assert worker.proc.poll() is None
