@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mqexec.worker")
 
 _gate: Gate | None = None
+_LOGGED_KINDS = 1000  #: refusal kinds logged once each; no more (a stranger's messages name key ids at will)
 
 
 def current_gate() -> Gate | None:
@@ -306,7 +307,7 @@ class Gate:
 
     def _log_once(self, kind: str, text: str) -> None:
         kind = kind.split(":")[0][:60]
-        if kind not in self._logged:
+        if kind not in self._logged and len(self._logged) < _LOGGED_KINDS:
             self._logged.add(kind)
             log.warning("%s (logged once)", text)
 

@@ -76,6 +76,12 @@ def key_from_json(value: Any) -> Key:
     return tuple(key_from_json(v) for v in value) if isinstance(value, list) else value
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters: what an unverified message says goes into log lines only so long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -245,7 +251,7 @@ class Task:
             raise SignatureError("the message is not a signed mqexec task")
         if wire.get("kid") != trust.key_id:
             raise ForeignKey(
-                f"task {wire.get('id', '?')!r} was signed by key {wire.get('kid')!r}, but this worker "
+                f"task {_shown(wire.get('id', '?'))} was signed by key {_shown(wire.get('kid'))}, but this worker "
                 f"trusts key {trust.key_id!r}"
             )
         body = {k: v for k, v in wire.items() if k != "sig"}
@@ -254,7 +260,7 @@ class Task:
         except ValueError:
             signature = b""
         if not trust.verify(_canonical(body), signature):
-            raise SignatureError(f"task {body.get('id', '?')!r} has a bad signature: forged or tampered with")
+            raise SignatureError(f"task {_shown(body.get('id', '?'))} has a bad signature: forged or tampered with")
         if body.get("v") != VERSION:
             raise SignatureError(f"task has envelope version {body.get('v')!r}; this mqexec speaks {VERSION}")
         try:
@@ -351,7 +357,7 @@ class Frame:
             offset += size
         if not hmac.compare_digest(mac.hexdigest(), str(sig)):
             raise SignatureError(
-                f"a {head.get('kind', '?')} frame from {head.get('worker', '?')!r} has a bad "
+                f"a {_shown(head.get('kind', '?'))} frame from {_shown(head.get('worker', '?'))} has a bad "
                 "signature: not from a worker of this session"
             )
         if head.get("v") != VERSION:
