@@ -130,6 +130,22 @@ def test_a_frame_is_read_only_with_its_sessions_key() -> None:
         Frame.decode(renamed, me.trust.result_key("s1"))
 
 
+def test_what_an_unverified_message_says_goes_into_errors_cut_short() -> None:
+    """Ids, key ids and worker names of messages nobody verified yet end up in log lines: 60 characters each."""
+    me, stranger = Identity.new(), Identity.new()
+    huge = "x" * 1_000_000
+    foreign = {**_task(stranger, id=huge).sign(stranger), "kid": huge}
+    forged = {**_task(me, id=huge).sign(me), "sig": base64.b64encode(b"0" * 64).decode()}
+    for wire, refusal in ((foreign, ForeignKey), (forged, SignatureError)):
+        with pytest.raises(refusal) as info:
+            Task.verify(wire, me.trust)
+        assert len(str(info.value)) < 300
+    raw = Frame(huge, "s1", huge).encode(b"another key")
+    with pytest.raises(SignatureError, match="bad signature") as bad:
+        Frame.decode(raw, me.trust.result_key("s1"))
+    assert len(str(bad.value)) < 300
+
+
 # -- secrets at rest ------------------------------------------------------------------------------------------------
 
 

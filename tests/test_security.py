@@ -280,6 +280,18 @@ def evil_pickle(marker: Path) -> bytes:
     return pickle.dumps(Evil())
 
 
+def test_a_worker_logs_a_bounded_number_of_refusal_kinds(caplog: pytest.LogCaptureFixture) -> None:
+    """Tasks of other keys are logged once per key id — and key ids are a stranger's to choose: the set of kinds
+    logged, and so the log, stay bounded."""
+    from mqexec.intake import Gate
+
+    gate = Gate(Config.load(broker_url="amqp://u:p@h//", secret=Identity.new().trust.token()), "w@test")
+    with caplog.at_level("WARNING", logger="mqexec.worker"):
+        for i in range(5000):
+            gate._log_once(f"foreign key {i:016x}", "rejected a task message")
+    assert len(caplog.records) == len(gate._logged) == 1000
+
+
 # -- 3. no replay, no cross-prefix reuse ------------------------------------------------------------------------
 
 
