@@ -40,7 +40,7 @@ from .topology import (
     TASK_NAME,
     blob_queue,
     blob_queue_name,
-    dead_queue,
+    declare_dead_queue,
     results_queue,
     task_queue,
 )
@@ -156,8 +156,9 @@ class Courier(threading.Thread):
                 self._channel.events["basic_nack"].add(self._on_nack)
             self._tag = 0
             channel = self._in.default_channel
-            if self.cfg.transport.quorum:
-                dead_queue(self.cfg)(channel).declare()
+            why = declare_dead_queue(self._in, self.cfg) if self.cfg.transport.quorum else ""
+            if why:
+                log.debug("no dead-letter queue for people to look at: %s", why)
             expired = self._connected and self.cfg.transport.quorum and self._results_queue_expired()
             queue = results_queue(self.cfg, self.session)(channel)
             queue.declare()
@@ -223,6 +224,8 @@ class Courier(threading.Thread):
         text = redact(f"{type(exc).__name__}: {exc}")
         if not self._outage:
             log.warning("client %s lost the broker (%s); reconnecting", self.session, text)
+        elif text != self._outage:
+            log.warning("client %s still cannot reconnect: %s", self.session, text)
         self._outage = text
         self._disconnect(graceful=False)
 
@@ -367,15 +370,23 @@ class Courier(threading.Thread):
             self.blobs[digest] = 0 if len(parts) == 1 else len(parts)
 
     def _keep_blobs(self) -> None:
-        """Redeclare this session's blob queues, so a long idle stretch does not expire them (x-expires)."""
-        for digest, parts in list(self.blobs.items()):
-            names = (
-                [blob_queue_name(self.cfg, digest)]
-                if not parts
-                else [blob_queue_name(self.cfg, digest, i) for i in range(parts)]
-            )
-            for name in names:
-                blob_queue(self.cfg, name)(self._channel).queue_declare()
+        """Redeclare this session's blob queues, so a long idle stretch does not expire them (x-expires); on a
+        channel of its own: a blob queue whose cluster node is down cannot be, and that must not stop the rest."""
+        channel = self._out.channel()
+        try:
+            for digest, parts in list(self.blobs.items()):
+                names = (
+                    [blob_queue_name(self.cfg, digest)]
+                    if not parts
+                    else [blob_queue_name(self.cfg, digest, i) for i in range(parts)]
+                )
+                for name in names:
+                    blob_queue(self.cfg, name)(channel).queue_declare()
+        except self._out.channel_errors as exc:
+            log.debug("could not keep the blob queues: %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
 
     def _send_outbox(self) -> None:
         calls = self.ledger.take_outbox()

@@ -18,6 +18,7 @@ On the embedded default's file transport the same names exist without quorum que
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -87,6 +88,20 @@ def dead_queue(cfg: Config) -> Queue:
         binding_arguments={"x-match": "all"},
         queue_arguments={"x-max-length": 10_000},
     )
+
+
+def declare_dead_queue(conn: Any, cfg: Config) -> str:
+    """Declare ``P.dead`` on a channel of its own; returns why it could not be, or "". It is a classic queue, on
+    one node of a cluster: while that node is down, dead letters reach only their senders, and nothing else stops."""
+    channel = conn.channel()
+    try:
+        dead_queue(cfg)(channel).declare()
+    except conn.channel_errors as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+    return ""
 
 
 def blob_queue_name(cfg: Config, digest: str, part: int | None = None) -> str:

@@ -73,9 +73,11 @@ def run_worker(
     warnings.filterwarnings("ignore", category=SecurityWarning)  # root is the norm in grid containers
     with connect(cfg) as conn:  # fail in seconds with a clear error, before Celery's retry loops
         if cfg.transport.quorum:
-            from .topology import dead_queue
+            from .topology import declare_dead_queue
 
-            dead_queue(cfg)(conn.default_channel).declare()
+            why = declare_dead_queue(conn, cfg)
+            if why:
+                log.warning("no dead-letter queue for people to look at: %s", why)
     from celery import signals
 
     from . import intake
