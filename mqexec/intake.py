@@ -36,7 +36,7 @@ from kombu.common import QoS
 
 from .control import ControlStep_
 from .errors import SignatureError
-from .topology import results_queue_name
+from .topology import TASK_NAME, results_queue_name
 from .wire import ForeignKey, Frame, Task
 
 if TYPE_CHECKING:
@@ -124,12 +124,14 @@ class Gate:
             message.reject(requeue=True)  # delivered before our cancel reached the broker: another worker takes it
             return
         try:
-            wire = json.loads(message.body)[0][0]
+            body = json.loads(message.body)
+            wire = body[0][0]
             task = Task.verify(wire, self.trust)
+            _check_envelope(task, message.headers or {}, body)
         except ForeignKey as exc:
             self.wrong_key(message, exc, str(wire.get("kid")))
             return
-        except (SignatureError, ValueError, TypeError, KeyError, IndexError) as exc:
+        except (SignatureError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             log.warning("rejected a task message, never unpickled (it goes to the dead-letter queue): %s", exc)
             message.reject(requeue=False)
             return
@@ -310,6 +312,29 @@ class Gate:
         if kind not in self._logged and len(self._logged) < _LOGGED_KINDS:
             self._logged.add(kind)
             log.warning("%s (logged once)", text)
+
+
+def _check_envelope(task: Task, headers: dict[str, Any], body: list[Any]) -> None:
+    """The Celery message around a signed task is not signed: it must ask for nothing but to run that task, as the
+    client sends it — the same id, mqexec's task, no keyword arguments, callbacks, chain or chord (Celery would
+    publish them with this worker's account), no ETA, expiry or time limit.
+
+    Raises:
+        SignatureError: something was added or changed.
+    """
+    embed = body[2] if len(body) > 2 and isinstance(body[2], dict) else {}
+    if (
+        headers.get("id") != task.id
+        or headers.get("task") != TASK_NAME
+        or body[1]
+        or any(embed.get(k) for k in ("callbacks", "errbacks", "chain", "chord"))
+        or any(headers.get(k) for k in ("eta", "countdown", "expires"))
+        or any(headers.get("timelimit") or ())
+    ):
+        raise SignatureError(
+            f"task {task.id} came in a Celery envelope changed after it was signed (another id or task name, "
+            "arguments, callbacks, ETA or time limits)"
+        )
 
 
 class _GatedConsumer(KombuConsumer):  # type: ignore[misc]
