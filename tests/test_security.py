@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -335,6 +336,40 @@ def test_a_captured_task_runs_once_and_not_after_its_client_closed(
     wait_for(lambda: "never unpickled" in neighbours[other_key].text(), "foreign-key refusal")
     assert runs.read_text().splitlines() == ["ran"]
     assert all(w.proc.poll() is None for w in neighbours.values()), "a stray task stopped a worker"
+
+
+def test_a_signed_task_in_a_changed_celery_envelope_is_not_run(
+    start_worker: Callable[..., Worker], broker_url: str, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """The Celery message around the signed task is not signed. Someone holding the analysis's account takes the
+    analyst's task off the queue and puts it back asking for more: a callback (the worker would publish it with
+    its account), a time limit, an ETA, keyword arguments, another task name or id. Each copy is dead-lettered."""
+    cfg = Config.load(broker_url=broker_url, **settings)
+    spy = spy_on_tasks(cfg)
+    runs = tmp_path / "runs"
+    with mqexec.Client(broker_url, **settings) as client:
+        client.submit(write_line, str(runs), "ran")
+        captured = take(cfg, spy)
+        with Connection(_pyamqp(broker_url)) as conn:
+            conn.channel().queue_purge(task_queue_name(cfg))  # taken off the queue before any worker saw it
+        body = json.loads(captured.body)
+        callback = {"task": "celery.accumulate", "args": [], "kwargs": {}, "options": {}, "immutable": False}
+        changed: dict[str, tuple[list[Any], dict[str, Any]]] = {
+            "callbacks": ([body[0], body[1], {**body[2], "callbacks": [callback]}], {}),
+            "keyword arguments": ([body[0], {"extra": 1}, body[2]], {}),
+            "time limit": (body, {"timelimit": [1, 1]}),
+            "ETA": (body, {"eta": "2000-01-01T00:00:00+00:00"}),
+            "another task": (body, {"task": "celery.accumulate"}),
+            "another id": (body, {"id": uuid.uuid4().hex}),
+        }
+        for new_body, headers in changed.values():
+            republish(cfg, Captured(json.dumps(new_body), {**captured.headers, **headers}, captured.properties))
+        worker = start_worker("--concurrency", "1")
+        assert len(dead_letters(cfg, len(changed))) == len(changed)
+        assert worker.text().count("Celery envelope changed after it was signed") == len(changed)
+        assert not runs.exists()
+        assert client.submit(write_line, str(runs), "the analyst's").result(timeout=30) == "the analyst's"
+    assert runs.read_text().splitlines() == ["the analyst's"]
 
 
 def test_an_expired_task_is_not_run(
