@@ -357,7 +357,7 @@ class Frame:
             offset += size
         if not hmac.compare_digest(mac.hexdigest(), str(sig)):
             raise SignatureError(
-                f"a {_shown(head.get('kind', '?'))} frame from {_shown(head.get('worker', '?'))} has a bad "
+                f"a {str(head.get('kind', '?'))[:20]} frame from {_shown(head.get('worker', '?'))} has a bad "
                 "signature: not from a worker of this session"
             )
         if head.get("v") != VERSION:
