@@ -1,7 +1,8 @@
 """Broker URLs and connections: pick a transport by URL, connect once, and say in words why it failed.
 
     "amqps://user:pw@host:5671/vhost"          one broker (TLS; verified against ``tls_ca`` or the system CAs)
-    "amqp://a:5672//;amqp://b:5672//"          failover brokers of one cluster: tried in order, on every reconnect
+    "amqp://a:5672//;amqp://b:5672//"          failover brokers of one cluster: on every (re)connect, the one that
+                                               answered last first, then the others in order
     "filesystem:///tmp/mqexec-1a2b"            the embedded default (kombu's file transport, see fstransport.py)
 
 kombu retries a refused connection forever by default; mqexec instead tries each URL once, within
@@ -176,11 +177,13 @@ def connection(
 def connect(cfg: Config, *, heartbeat: float = 0, confirm: bool = False, timeout: float | None = None) -> Connection:
     """An open connection to the first broker of the config's list that answers, or :class:`BrokerError`.
 
-    Each URL gets ``connect_timeout`` seconds; the error names the first URL's cause. ``confirm``, ``timeout``: as
-    for :func:`connection`.
+    Each URL gets ``connect_timeout`` seconds, the one that answered last first; the error names the cause of the
+    first one tried. ``confirm``, ``timeout``: as for :func:`connection`.
     """
     first: BrokerError | None = None
-    for url in split_urls(cfg.broker_url or ""):
+    urls = split_urls(cfg.broker_url or "")
+    last = _answered.get(cfg.broker_url or "")
+    for url in sorted(urls, key=lambda u: u != last):  # a node that is down costs connect_timeout once, not each time
         conn = connection(cfg, url, heartbeat=heartbeat, confirm=confirm, timeout=timeout)
         try:
             conn.connect()
@@ -188,8 +191,13 @@ def connect(cfg: Config, *, heartbeat: float = 0, confirm: bool = False, timeout
             drop(conn)
             first = first or explain(exc, cfg, url)
             continue
+        if len(urls) > 1:
+            _answered[cfg.broker_url or ""] = url
         return conn
     raise first or BrokerError("no broker URL is configured")
+
+
+_answered: dict[str, str] = {}  #: failover list → the URL of it that answered last (in this process)
 
 
 def drop(conn: Connection | None) -> None:
