@@ -11,20 +11,17 @@ and events (``app.py``: ``event_exchange``, ``event_queue_prefix``)::
     exchanges   P (tasks)   P.dlx (dead letters)   P.pidbox, reply.P.pidbox (remote control)   P.ev (events)
     queues      P.<env>[.<resource>]  P.results.<session>  P.blob.<sha256>[.<i>]  P.dead  P.ev.<id>  P.boot.<run>...
                 <worker hostname>.P.pidbox  (a worker's mailbox)     <id>.reply.P.pidbox  (replies to a command)
-    publishing  into those exchanges, and into the default exchange ``amq.default``: results, leases and blobs go
-                to their queue by name
+    publishing  into those exchanges only: tasks, results, leases and blobs go through P, by queue name — never
+                through the default exchange, which reaches every queue of the vhost by name
 
-    configure = read = ^(P|P\..+|reply\.P\.pidbox|.+\.P\.pidbox)$          write = the same, or amq\.default
+    configure = write = read = ^(P|P\..+|reply\.P\.pidbox|.+\.P\.pidbox)$
 
 So another analysis's account cannot read this one's results or tasks, bind a queue to its exchanges, declare or
-delete its queues, or publish into its exchanges (ACCESS_REFUSED). What it still can, on a shared vhost: publish
-into this analysis's queues by name through ``amq.default`` — RabbitMQ checks a publish against the exchange only,
-and mqexec's results travel through the default exchange. Such messages are refused by signature (never run, never
-unpickled), but they cost the workers a look; a vhost per analysis (``--vhost``) closes that too
-(``docs/security.md``).
+delete its queues, or publish into its exchanges or queues (ACCESS_REFUSED). A vhost per analysis (``--vhost``)
+also keeps the names apart (``docs/security.md``).
 
     >>> permissions("ana")["write"]
-    '^(ana|ana\\..+|reply\\.ana\\.pidbox|.+\\.ana\\.pidbox|amq\\.default)$'
+    '^(ana|ana\\..+|reply\\.ana\\.pidbox|.+\\.ana\\.pidbox)$'
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ def permissions(prefix: str) -> dict[str, str]:
         )
     p = re.escape(prefix)
     own = f"{p}|{p}\\..+|reply\\.{p}\\.pidbox|.+\\.{p}\\.pidbox"
-    return {"configure": f"^({own})$", "write": f"^({own}|amq\\.default)$", "read": f"^({own})$"}
+    return {"configure": f"^({own})$", "write": f"^({own})$", "read": f"^({own})$"}
 
 
 def rabbitmqctl_commands(prefix: str, user: str, vhost: str = "/") -> list[str]:

@@ -358,9 +358,11 @@ class Courier(threading.Thread):
                 queue = blob_queue(self.cfg, name)(self._channel)
                 if queue.queue_declare()[1]:  # already there (another session of this analysis put it)
                     continue
+                queue.queue_bind()
                 self._publish(
                     part,
                     name,
+                    exchange=self.cfg.queue_prefix,
                     content_type="application/octet-stream",
                     content_encoding="binary",
                     properties={"delivery_mode": 2},

@@ -253,7 +253,7 @@ class Executor:
                         content_encoding="binary",
                         properties={"delivery_mode": 2},
                     )
-                    channel.basic_publish(message, exchange="", routing_key=task.reply_to)
+                    channel.basic_publish(message, exchange=self.cfg.queue_prefix, routing_key=task.reply_to)
                 return
             except Exception as exc:
                 drop(self._conn)

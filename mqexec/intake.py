@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqexec.worker")
 
+WRONG_KEY_EXIT = 3  #: exit code of a worker whose first task was signed by an identity it does not trust
 _gate: Gate | None = None
 _LOGGED_KINDS = 1000  #: refusal kinds logged once each; no more (a stranger's messages name key ids at will)
 
@@ -170,10 +172,26 @@ class Gate:
         return ""
 
     def wrong_key(self, message: Any, exc: ForeignKey, key_id: str) -> None:
-        """A task signed by another identity: this worker holds a stale or wrong key — or anyone who may publish
-        on the vhost sent it, which a worker cannot tell apart. It is dead-lettered like a forged task: a message
-        nobody can verify must neither stop the worker (one would shut down every worker in turn) nor go back to
-        the head of the queue (it would stall them all)."""
+        """A task signed by another identity than the one this worker trusts.
+
+        A worker that has not run a task yet was most likely given the wrong key (a stale ``MQEXEC_SECRET``): it
+        hands the task back — a correctly keyed worker runs it, the run loses nothing — and exits with code 3 and
+        a sentence saying so. A worker that has run the analyst's tasks already knows its key is right: the task
+        is a stranger's and is dead-lettered like a forged one, and the worker carries on (otherwise one such
+        task, put into the queue again and again, would stop every worker in turn). Only accounts allowed to
+        publish into this prefix's exchange can send one (``accounts.py``; not the JDL's bootstrap account).
+        """
+        if self.taken == 0:
+            message.reject(requeue=True)
+            log.error(
+                "%s: this worker's key is not the client's — set MQEXEC_SECRET to the output of `mqexec key worker` "
+                "on the analyst's machine; the task goes back to the queue and this worker stops",
+                exc,
+            )
+            self.exit_code = WRONG_KEY_EXIT
+            self.stop_taking("its key is not the client's")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         message.reject(requeue=False)
         self._log_once(
             f"foreign key {key_id}",
@@ -301,7 +319,7 @@ class Gate:
                     content_encoding="binary",
                     properties={"delivery_mode": 2},
                 ),
-                exchange="",
+                exchange=self.cfg.queue_prefix,
                 routing_key=reply_to,
             )
         except Exception as exc:  # the connection is going; the next renewal after reconnecting covers it

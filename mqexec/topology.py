@@ -5,6 +5,8 @@ default; ``MQEXEC_QUEUE_PREFIX`` keeps analyses apart)::
 
     exchange  P (direct) ──▶ quorum queue  P.py3.11        tasks of Python 3.11 clients
                          ──▶ quorum queue  P.py3.11.GPU    tasks that asked for resources={"GPU": 1}
+                         ──▶ every results and blob queue below, by its own name (nothing of mqexec's goes through
+                             the default exchange, so a broker account needs write on P's names only)
         task queues: x-delivery-limit 20 (a backstop: workers acknowledge on receipt, tasks are leased)
         and dead-letter to exchange P.dlx
     exchange  P.dlx (headers) ──▶ the sending client's result queue (matched on header mqexec-reply)
@@ -22,7 +24,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kombu import Queue
+    from kombu import Exchange, Queue
 
     from .config import Config
 
@@ -40,7 +42,7 @@ def task_queue_name(cfg: Config, resource: str | None = None) -> str:
 def task_queue(cfg: Config, resource: str | None = None) -> Queue:
     """The task queue for the config's environment (and resource), declared with the same arguments by every
     side — RabbitMQ refuses a second declaration with different ones."""
-    from kombu import Exchange, Queue
+    from kombu import Queue
 
     name = task_queue_name(cfg, resource)
     args: dict[str, Any] = {}
@@ -50,28 +52,37 @@ def task_queue(cfg: Config, resource: str | None = None) -> Queue:
             "x-delivery-limit": BROKER_DELIVERY_LIMIT,
             "x-dead-letter-exchange": f"{cfg.queue_prefix}.dlx",
         }
-    exchange = Exchange(cfg.queue_prefix, type="direct", durable=True)
-    return Queue(name, exchange, routing_key=name, durable=True, queue_arguments=args)
+    return Queue(name, exchange(cfg), routing_key=name, durable=True, queue_arguments=args)
 
 
 def results_queue_name(cfg: Config, session: str) -> str:
     return f"{cfg.queue_prefix}.results.{session}"
 
 
+def exchange(cfg: Config) -> Exchange:
+    """The prefix's direct exchange: tasks, results, leases and blobs are published to it, by queue name."""
+    from kombu import Exchange
+
+    return Exchange(cfg.queue_prefix, type="direct", durable=True)
+
+
 def results_queue(cfg: Config, session: str) -> Queue:
     """A client session's queue for results, leases and its own dead letters; replicated (quorum) on RabbitMQ
     so a cluster node may fail, and deleted by the broker ``session_expire`` after the client is gone."""
-    from kombu import Exchange, Queue
+    from kombu import Exchange, Queue, binding
 
     name = results_queue_name(cfg, session)
     if not cfg.transport.quorum:
-        return Queue(name, exchange="", routing_key=name, durable=True)
+        return Queue(name, exchange(cfg), routing_key=name, durable=True)
     dlx = Exchange(f"{cfg.queue_prefix}.dlx", type="headers", durable=True)
+    bindings = [
+        binding(exchange(cfg), routing_key=name),
+        binding(dlx, arguments={"x-match": "all", REPLY_HEADER: name}),
+    ]
     return Queue(
         name,
-        dlx,
+        bindings=bindings,
         durable=True,
-        binding_arguments={"x-match": "all", REPLY_HEADER: name},
         queue_arguments={"x-queue-type": "quorum", "x-expires": int(cfg.session_expire * 1000)},
     )
 
@@ -116,7 +127,7 @@ def blob_queue(cfg: Config, name: str) -> Queue:
     from kombu import Queue
 
     args = {"x-expires": int(cfg.session_expire * 1000)} if cfg.transport.quorum else {}
-    return Queue(name, exchange="", routing_key=name, durable=True, queue_arguments=args)
+    return Queue(name, exchange(cfg), routing_key=name, durable=True, queue_arguments=args)
 
 
 def delete_topology(channel: Any, cfg: Config, resources: tuple[str, ...] = ()) -> None:

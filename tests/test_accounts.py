@@ -3,8 +3,8 @@
 An analysis's account runs a whole round trip — client, worker, blobs, cancel, remote control, events — with
 only the permissions :func:`mqexec.accounts.permissions` gives; another analysis's account on the same vhost is
 refused (ACCESS_REFUSED) when it tries to read the results queue, take or publish tasks through the exchange, bind
-to the exchanges, declare or delete the queues, or send remote control. What it can still do on a shared vhost —
-publish into the queues by name through the default exchange — is the strict xfail below; a vhost per analysis
+to the exchanges, declare or delete the queues, send remote control, or publish into the queues by name through
+the default exchange (mqexec sends nothing through it, so no account needs to write there); a vhost per analysis
 shuts it out entirely.
 """
 
@@ -91,7 +91,7 @@ def test_permissions_cover_the_prefixs_names_and_no_one_elses() -> None:
     for kind, regex in perms.items():
         assert all(re.fullmatch(regex, n) for n in mine), (kind, [n for n in mine if not re.fullmatch(regex, n)])
         assert not any(re.fullmatch(regex, n) for n in theirs), (kind, [n for n in theirs if re.fullmatch(regex, n)])
-    assert re.fullmatch(perms["write"], "amq.default") and not re.fullmatch(perms["read"], "amq.default")
+    assert not re.fullmatch(perms["write"], "amq.default") and not re.fullmatch(perms["read"], "amq.default")
 
 
 @pytest.mark.parametrize(
@@ -288,12 +288,6 @@ def test_another_analysis_account_is_refused_everything_on_a_shared_vhost(
         assert ana.submit(sleep_then, 0, "still ok").result(timeout=30) == "still ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mqexec publishes results, leases and blobs through the default exchange, so every mqexec account needs "
-    "write on amq.default — which reaches every queue of the vhost by name (lead: a per-prefix exchange for them "
-    "would let accounts.permissions drop amq.default)",
-)
 def test_another_analysis_account_cannot_publish_into_its_queues_by_name(
     node: PrivateNode, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

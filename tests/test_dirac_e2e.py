@@ -137,7 +137,7 @@ def boot_url(broker_url: str, settings: dict[str, object]) -> Iterator[str]:
     """A standing bootstrap account for this test's queue prefix (what ``--bootstrap`` takes)."""
     prefix = str(settings["queue_prefix"])
     user = RabbitmqctlBootstrap(
-        {"configure": rf"^{prefix}\.boot\..+$", "write": r"^amq\.default$", "read": rf"^{prefix}\.boot\..+$"},
+        {"configure": rf"^{prefix}\.boot\..+$", "write": rf"^{prefix}\.boot\..+$", "read": rf"^{prefix}\.boot\..+$"},
         broker_url,
     )
     yield user.issue()[BOOT_URL_ENV]

@@ -192,8 +192,11 @@ def test_what_a_worker_holds_cannot_sign_a_task_any_worker_runs(
     identity: Identity,
 ) -> None:
     """A compromised worker has the token (public key + result secret) and the broker account. Whatever it signs
-    with that — or with a key of its own — is dead-lettered unread; the worker keeps serving its analyst."""
+    with that — or with a key of its own — is dead-lettered unread by a worker that has run the analyst's tasks
+    (it knows its key is right); the worker keeps serving its analyst. (A worker whose *first* task is of another
+    key hands it back and stops instead: it was given the wrong key — tests/test_faults_results.py, case 6.)"""
     worker = start_worker("--concurrency", "1")
+    assert client.submit(sleep_then, 0, "first").result(timeout=30) == "first"
     cfg = Config.load(broker_url=broker_url, **settings)
     marker = tmp_path / "marker"
     token = identity.trust  # exactly what `mqexec key worker` hands a worker
@@ -330,6 +333,10 @@ def test_a_captured_task_runs_once_and_not_after_its_client_closed(
             "--concurrency", "1", env={"MQEXEC_QUEUE_PREFIX": other_key}, secret=stranger.trust.token()
         ),
     }
+    # the other project's worker has run its own analyst's tasks, so it knows its key is right (a fresh worker whose
+    # first task is of another key takes itself for misconfigured and stops: tests/test_faults_results.py, case 6)
+    with mqexec.Client(broker_url, **{**settings, "queue_prefix": other_key, "identity": stranger.text()}) as theirs:
+        assert theirs.submit(sleep_then, 0, "theirs").result(timeout=30) == "theirs"
     for prefix in neighbours:
         republish(cfg, captured, cfg.replace(queue_prefix=prefix))
     wait_for(lambda: f"for queue prefix {cfg.queue_prefix!r}" in neighbours[same_key].text(), "prefix refusal")

@@ -75,14 +75,25 @@ def job_of_hostname(hostname: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def boot_exchange(boot_queue: str) -> Any:
+    """The run's boot exchange (direct, named as its boot queue): hellos go to the boot queue, replies to each
+    job's reply queue, both by queue name."""
+    from kombu import Exchange
+
+    return Exchange(boot_queue, type="direct", durable=True)
+
+
 def bootstrap_permissions(boot_queue: str) -> dict[str, str]:
-    """RabbitMQ permission regexes of the bootstrap account: publish a hello, read its own reply queue.
+    """RabbitMQ permission regexes of the bootstrap account: declare its own reply queue and bind it to the run's
+    boot exchange (named as the boot queue), publish a hello there, read the reply. Nothing else: no default
+    exchange, so the account (its URL is in the JDL) can put nothing into any other queue of the vhost.
 
     >>> bootstrap_permissions("mqexec.boot.1a2b")["write"]
-    '^amq\\\\.default$'
+    '^(mqexec\\\\.boot\\\\.1a2b|mqexec\\\\.boot\\\\.1a2b\\\\.[0-9a-f]{32})$'
     """
-    mine = re.escape(boot_queue) + r"\.[0-9a-f]{32}"
-    return {"configure": f"^{mine}$", "write": r"^amq\.default$", "read": f"^{mine}$"}
+    run = re.escape(boot_queue)
+    mine = run + r"\.[0-9a-f]{32}"
+    return {"configure": f"^{mine}$", "write": f"^({run}|{mine})$", "read": f"^({run}|{mine})$"}
 
 
 class StaticBootstrap:
@@ -176,7 +187,12 @@ class KeyService:
         from kombu import Queue
 
         return Queue(
-            self.queue, durable=True, auto_delete=False, queue_arguments={"x-expires": int(self.expires * 1000)}
+            self.queue,
+            boot_exchange(self.queue),
+            routing_key=self.queue,
+            durable=True,
+            auto_delete=False,
+            queue_arguments={"x-expires": int(self.expires * 1000)},
         )
 
     def start(self) -> None:
@@ -225,7 +241,7 @@ class KeyService:
             if not isinstance(hello, dict) or "reply_to" not in hello:
                 return
             reply = {"v": 1, "error": str(exc)}
-        producer.publish(reply, exchange="", routing_key=str(hello["reply_to"]), serializer="json", retry=False)
+        producer.publish(reply, exchange=self.queue, routing_key=str(hello["reply_to"]), serializer="json", retry=False)
         if "error" not in reply and self.on_answer is not None:
             self.on_answer(job)
 
@@ -238,6 +254,7 @@ class KeyService:
             self._thread.join(10)
         with contextlib.suppress(Exception), connect(self.cfg) as conn:
             conn.default_channel.queue_delete(self.queue)
+            conn.default_channel.exchange_delete(self.queue)
 
 
 def boot(*, timeout: float = 900.0, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
@@ -264,9 +281,10 @@ def boot(*, timeout: float = 900.0, environ: MutableMapping[str, str] = os.envir
     hello = {"v": 1, "job": job or "?", "nonce": nonce, "reply_to": reply_to, "chain": me.pems()}
     with connect(Config.load(broker_url=url)) as conn:
         channel = conn.channel()
-        mine = Queue(reply_to, exclusive=True, auto_delete=True)(channel)
-        mine.declare()
-        Producer(channel).publish(hello, exchange="", routing_key=queue, serializer="json", retry=False)
+        mine = Queue(reply_to, boot_exchange(queue), routing_key=reply_to, exclusive=True, auto_delete=True)(channel)
+        mine.queue_declare()
+        mine.queue_bind()  # the run's boot exchange exists: the key service declared it before submitting
+        Producer(channel).publish(hello, exchange=queue, routing_key=queue, serializer="json", retry=False)
         deadline = time.monotonic() + timeout
         while (message := mine.get(no_ack=True, accept=["json"])) is None:
             if time.monotonic() > deadline:
