@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--chunk-time", help="how long a chunk runs, e.g. 20m")
     d.set_defaults(run=_doctor)
 
-    from . import cache_cli, dirac, image
+    from . import accounts, cache_cli, dirac, image
 
-    for module in (dirac, image, cache_cli):
+    for module in (accounts, dirac, image, cache_cli):
         module.register_cli(sub)
     return parser
 

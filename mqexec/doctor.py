@@ -229,9 +229,12 @@ def _probe(cfg: Config, conn: Connection) -> Iterator[Check]:
     try:
         channel = raw.channel()
         channel.queue_declare(probe, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+        step = "bind"  # through the prefix's exchange, as mqexec sends everything (never the default exchange)
+        channel.exchange_declare(cfg.queue_prefix, "direct", durable=True, auto_delete=False)
+        channel.queue_bind(probe, cfg.queue_prefix, routing_key=probe)
         step = "publish to"
         channel.confirm_select()
-        channel.basic_publish_confirm(amqp.Message(b"mqexec doctor"), exchange="", routing_key=probe)
+        channel.basic_publish_confirm(amqp.Message(b"mqexec doctor"), exchange=cfg.queue_prefix, routing_key=probe)
         step = "read from"
         got = channel.basic_get(probe, no_ack=True)
         if got is None or got.body != b"mqexec doctor":
@@ -241,8 +244,8 @@ def _probe(cfg: Config, conn: Connection) -> Iterator[Check]:
             "permissions",
             FAIL,
             f"cannot {step} queue {probe}: {exc.reply_text} — this user needs configure, write and read "
-            f"permissions on '^{re.escape(cfg.queue_prefix)}\\.' (and 'reply\\.{cfg.queue_prefix}\\.pidbox' for "
-            "remote control), e.g. rabbitmqctl set_permissions",
+            f"permissions on its queue prefix's names: `mqexec broker grant --prefix {cfg.queue_prefix} --user ...` "
+            "prints them",
         )
         if step != "declare":
             _delete(raw, probe)
@@ -275,7 +278,7 @@ def _message_size(cfg: Config, raw: Any, probe: str) -> Check:
     try:
         channel = raw.channel()
         channel.confirm_select()
-        channel.basic_publish_confirm(amqp.Message(bytes(size)), exchange="", routing_key=probe)
+        channel.basic_publish_confirm(amqp.Message(bytes(size)), exchange=cfg.queue_prefix, routing_key=probe)
         channel.queue_purge(probe)
     except amqp.exceptions.AMQPError as exc:
         text = getattr(exc, "reply_text", "") or str(exc)
