@@ -66,7 +66,8 @@ def redact(url: str) -> str:
     if not at:
         return url
     sep = head.find("://")
-    start = sep + 3 if sep >= 0 else head.find(":") + 1
+    # "amqp://user:pw@host"; "amqp:user:pw@host" (a scheme, then user:pw); "user:pw@host" (no scheme at all)
+    start = sep + 3 if sep >= 0 else (head.find(":") + 1 if head.count(":") >= 2 else 0)
     user, colon, _ = head[start:].partition(":")
     return f"{head[:start]}{user}:***@{tail}" if colon else url
 
@@ -109,6 +110,10 @@ def transport_of(url: str) -> Transport:
     ...
     mqexec.errors.ConfigError: broker URL amqp:guest:***@host:5672 lacks '//' after 'amqp:' (e.g. amqp://user:pw@host:5672/)
     """
+    if not url.strip():
+        raise ConfigError(
+            "no broker URL: give one (amqp://user:pw@host:5672/vhost), or none at all for the embedded default"
+        )
     urls = split_urls(url) or [url]
     kinds = {_check_url(u) for u in urls}
     if len({k.kombu_scheme for k in kinds}) > 1:

@@ -160,6 +160,14 @@ class Config:
     ship_code: bool = True  #: send the analysis's own modules (outside site-packages) to the workers
     safe_results: bool = False  #: unpickle results with the allow-list (MQExecutor outputs always are)
 
+    def __repr__(self) -> str:
+        """All settings but the secrets, the broker URL without its password."""
+        from .broker import redact
+
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SECRETS}
+        shown["broker_url"] = redact(self.broker_url) if self.broker_url else None
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
     @classmethod
     def load(cls, **given: Any) -> Config:
         """Settings from keyword arguments, then ``MQEXEC_*`` variables, then defaults; validated once.

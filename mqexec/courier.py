@@ -599,9 +599,11 @@ class Courier(threading.Thread):
         why = {  # x-death's "count" counts dead-letterings, not deliveries: the limit is what is known
             "delivery_limit": f"the broker delivered it more than {BROKER_DELIVERY_LIMIT} times (the task queue's "
             "x-delivery-limit) and no worker kept it (each handed it back, or died while receiving it)",
-            "rejected": "a worker refused it as forged or malformed",
+            "rejected": "a worker refused it as forged, malformed, or signed by another key than the one it trusts "
+            "(see the worker's log)",
         }.get(reason, f"dead-lettered by the broker ({reason})")
         self.last_progress = time.monotonic()
         for call in task.calls:
+            self.ledger.counts["dead_broker"] += 1
             exc = TaskDeadLettered(f"task {call.label} [{call.key}] could not run: {why}")
             self.ledger.outcome(task.id, call.key, lambda s, exc=exc: s.fail(exc), None)  # type: ignore[misc]

@@ -42,6 +42,11 @@ _TOO_LARGE = re.compile(r"larger than configured max size (\d+)")  #: RabbitMQ's
 _HEAD_ROOM = 64 * 1024  #: a frame's bytes besides its value (head, signature)
 
 
+class CallsFailed(Exception):
+    """Raised after a task's outcomes were sent, when a call of it failed: Celery then reports the task as failed
+    (Flower shows it with this one-line exception). It is never logged as a traceback (``worker.setup_logging``)."""
+
+
 def run(cfg: Config, wire: Any, hostname: str) -> None:
     """Run one task message (the Celery task body)."""
     global _executor
@@ -69,9 +74,15 @@ class Executor:
         task = Task.verify(wire, self.trust)
         outcomes = self.run(task)
         self.publish(task, outcomes)
-        failed = sum(not o.ok for o in outcomes)
+        failed = [o for o in outcomes if not o.ok]
         label = task.calls[0].label + (f" +{len(task.calls) - 1} more" if len(task.calls) > 1 else "")
-        log.info("ran %s in %.3f s%s", label, time.perf_counter() - started, f", {failed} failed" if failed else "")
+        log.info(
+            "ran %s in %.3f s%s", label, time.perf_counter() - started, f", {len(failed)} failed" if failed else ""
+        )
+        if failed:  # the outcomes went to the client already; this only makes Flower show the task as failed
+            error = failed[0].error or {}
+            more = f" (+{len(failed) - 1} more calls failed)" if len(failed) > 1 else ""
+            raise CallsFailed(f"{error.get('type', '?').rpartition('.')[2]}: {error.get('str', '')}{more}")
 
     def run(self, task: Task) -> list[Outcome]:
         self._task_lake = task.lake

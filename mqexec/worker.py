@@ -44,6 +44,15 @@ def setup_logging(level: str = "INFO") -> None:
         "kombu.mixins",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for logger in ("celery.app.trace", "celery.worker.request"):
+        logging.getLogger(logger).addFilter(_not_calls_failed)
+
+
+def _not_calls_failed(record: logging.LogRecord) -> bool:
+    """Celery logs a failed task with its traceback; a task whose calls failed was logged in one line already
+    (``execute.CallsFailed`` only tells Flower), so those records are dropped."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (type(exc).__name__ == "CallsFailed" or "CallsFailed" in record.getMessage())
 
 
 def default_hostname(cfg: Config) -> str:
