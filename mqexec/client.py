@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import logging
 import pickle
@@ -74,15 +75,21 @@ def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
     return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
 
-def _dumps(obj: Any, what: str) -> bytes:
+@functools.cache
+def _pickler() -> type:
+    """cloudpickle's pickler, keeping code objects' file names (made once)."""
     import cloudpickle
 
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         dispatch_table = collections.ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
 
+    return Pickler
+
+
+def _dumps(obj: Any, what: str) -> bytes:
     buf = io.BytesIO()
     try:
-        Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        _pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     except Exception as exc:
         raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from None
     return buf.getvalue()
@@ -98,6 +105,7 @@ class _Options:
     batch_size: int = 1
     safe: bool | None = None
     cache: bool = False
+    single: bool = False  #: a submit(): the courier may send it with other single calls of a fast function
 
 
 class Client:
@@ -203,7 +211,7 @@ class Client:
                 stacklevel=2,
             )
         keys = [_check_key(key)] if key is not None else None
-        options = _Options(pure, retries or 0, resources, 1, safe, cache)
+        options = _Options(pure, retries or 0, resources, 1, safe, cache, single=True)
         return self._submit(fn, [(args, kwargs)], keys, None, [label] if label else None, options)[0]
 
     def map(
@@ -263,7 +271,7 @@ class Client:
             pickled = _dumps(fn, f"the function {name!r} ({fn!r})")
         function = self._function(pickled, name)
         resource = ",".join(sorted(options.resources)) if options.resources else None
-        group = self._ledger.new_group() if options.batch_size > 1 else 0
+        group = 0 if options.single else self._ledger.new_group()  # group 0: submit()s, which the courier may coalesce
         safe = self.config.safe_results if options.safe is None else options.safe
         futures: list[Future] = []
         for i, (args, kwargs) in enumerate(calls):

@@ -112,7 +112,7 @@ _INTEGERS = (
     "piece_size",
     "local_workers",
 )
-_BOOLEANS = ("ship_code", "safe_results")
+_BOOLEANS = ("ship_code", "safe_results", "replicated_results")
 _SECRETS = ("identity", "secret")  #: never printed, never in a message
 _LOCAL = ("cache_dir", "key_file")  #: paths of this machine
 
@@ -157,6 +157,7 @@ class Config:
     tls_ca: str | None = None  #: CA file for amqps:// (default: the system's)
     tls_cert: str | None = None  #: client certificate: logs in with RabbitMQ's EXTERNAL mechanism
     tls_key: str | None = None
+    replicated_results: bool | None = None  #: results queues as quorum queues (default: when a failover list is given)
     ship_code: bool = True  #: send the analysis's own modules (outside site-packages) to the workers
     safe_results: bool = False  #: unpickle results with the allow-list (MQExecutor outputs always are)
 
@@ -249,6 +250,15 @@ class Config:
         from .broker import transport_of
 
         return transport_of(self.broker_url or "")
+
+    @property
+    def results_replicated(self) -> bool:
+        """Whether results queues are replicated (quorum): asked for, or by default when the broker URL lists several
+        nodes of a cluster. On one node a classic queue answers sooner, and a result lost with it is sent again
+        (its task's lease runs out)."""
+        if self.replicated_results is not None:
+            return self.replicated_results
+        return self.transport.quorum and ";" in (self.broker_url or "")
 
     def drain_at(self) -> float | None:
         """Seconds after start at which a worker stops taking tasks, or None without a walltime."""

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqexec.client")
 _TICK = 0.25
+_FAST_CALL = 0.02  #: a function whose calls take less than this (on average) counts as fast ...
+_COALESCE_FROM = 8  #: ... and from this many of its single calls waiting at once, they go in shared messages
+_COALESCE_MAX = 50  #: of at most this many calls
 
 
 class Courier(threading.Thread):
@@ -91,6 +94,7 @@ class Courier(threading.Thread):
         self._deaths_seen = 0
         self._connected = False  #: connected before (a connect is a reconnect)
         self._to_ack: Any = None  # the last message taken from the results queue, not yet acknowledged
+        self._fast: dict[str, float] = {}  # function hash → its calls' average time on the workers (s)
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -391,24 +395,35 @@ class Courier(threading.Thread):
                 channel.close()
 
     def _send_outbox(self) -> None:
+        """Send what is ready: the calls of one ``map`` in messages of up to its batch size; single calls (a
+        ``submit`` loop) of a function known to be fast — the workers' timings say so — coalesced likewise, so a
+        burst of tiny calls does not cost a message each; calls of any other function go one per message (batching
+        them could put long calls one after another on one worker)."""
         calls = self.ledger.take_outbox()
-        if not calls:
-            return
         start = 0
         while start < len(calls):
             first = calls[start]
             end = start + 1
             while (
                 end < len(calls)
-                and end - start < first.batch
                 and calls[end].group == first.group
                 and calls[end].fn.hash == first.fn.hash
                 and calls[end].resource == first.resource
                 and calls[end].batch == first.batch
             ):
                 end += 1
-            self._send(calls[start:end])
+            size = first.batch
+            fast = self._fast.get(first.fn.hash, 1.0) < _FAST_CALL
+            if first.group == 0 and end - start >= _COALESCE_FROM and fast:
+                size = min(_COALESCE_MAX, max(2, (end - start) // _COALESCE_FROM))
+            for i in range(start, end, size):
+                self._send(calls[i : min(i + size, end)])
             start = end
+
+    def _timed(self, fn_hash: str, seconds: float) -> None:
+        """A call of the function ``fn_hash`` took ``seconds`` on a worker (a moving average per function)."""
+        before = self._fast.get(fn_hash)
+        self._fast[fn_hash] = seconds if before is None else 0.8 * before + 0.2 * seconds
 
     def _dep(self, key: Key, ref: Ref) -> Ref:
         """A dependency's value as it travels: big inline values go once as blobs."""
@@ -548,6 +563,8 @@ class Courier(threading.Thread):
             if outcome.ok:
                 data, ref = self._value(mid, outcome)
                 call = self.ledger.calls.get(outcome.key)
+                if call is not None:
+                    self._timed(call.fn.hash, outcome.seconds)
                 load = self.client._loader(data, ref, call.safe if call is not None else self.cfg.safe_results)
                 self.ledger.outcome(mid, outcome.key, lambda s: s.finish(Lazy(load), outcome.type_name), ref)
                 return

@@ -6,7 +6,8 @@
            "skipped" note waits in its results queue, so that it sends the task again should it come back)
         2. lease note "held [message id]" ──▶ the client's results queue   (before the ack, same channel: a
            message the broker forgets is always one the client knows a worker holds)
-        3. full (held tasks = concurrency)?  cancel the consumer — no other task waits here, unacknowledged
+        3. full (one task per process; one more each while tasks are short)?  cancel the consumer — no task waits
+           here unacknowledged
         4. ack ──▶ Celery's strategy ──▶ Request ──▶ pool process (execute.py)
     every lease_interval: "held [ids]" per client · a pool process died: "lost [id]" · stopping: "released [ids]"
     a task finished ──▶ Request.__init_subclass__ hook ──▶ Gate.finished ──▶ consume again
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqexec.worker")
 
+_SHORT_TASK = 0.5  #: tasks shorter than this (s, on average) are taken one ahead per process
 WRONG_KEY_EXIT = 3  #: exit code of a worker whose first task was signed by an identity it does not trust
 _gate: Gate | None = None
 _LOGGED_KINDS = 1000  #: refusal kinds logged once each; no more (a stranger's messages name key ids at will)
@@ -82,7 +84,8 @@ class Gate:
         self.cfg = cfg
         self.trust = cfg.trust()
         self.hostname = hostname
-        self.capacity = cfg.concurrency
+        self.concurrency = cfg.concurrency
+        self._task_seconds = 1.0  # moving average of how long a task stays here; starts "long": no extra task
         self.held: dict[str, _Held] = {}
         self.exit_code = 0
         self.taken = 0
@@ -266,11 +269,20 @@ class Gate:
             self._paused = False
             self._consumer.consume()
 
+    @property
+    def capacity(self) -> int:
+        """How many tasks this worker holds at most: one per process — and, while its tasks are short, one more
+        per process waiting, so a process that finishes starts the next at once instead of waiting for the
+        broker. A long task is never held waiting (another worker may be free to run it)."""
+        return self.concurrency * (2 if self._task_seconds < _SHORT_TASK else 1)
+
     def finished(self, msg: str, lost: str = "") -> None:
         """A task left the worker (done, failed, revoked); ``lost``: its pool process died running it."""
         held = self.held.pop(msg, None)
-        if held is not None and lost:
-            self._note(held.session, held.reply_to, lost=[[msg, lost]])
+        if held is not None:
+            self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - held.started)
+            if lost:
+                self._note(held.session, held.reply_to, lost=[[msg, lost]])
         if self._paused and self._c is not None:
             self._c.call_soon(self._resume)
 

@@ -57,7 +57,7 @@ class CallRecord:
     deps: frozenset[Key]
     retries: int = 0
     resource: str | None = None
-    group: int = 0  #: calls of one map() may share messages (up to ``batch`` per message)
+    group: int = 0  #: calls of one map() share messages (up to ``batch`` each); 0: submit()s, coalesced if fast
     batch: int = 1
     safe: bool = False  #: its result is unpickled through the allow-list (safepickle.py)
     waiting: set[Key] = field(default_factory=set)

@@ -11,7 +11,8 @@ default; ``MQEXEC_QUEUE_PREFIX`` keeps analyses apart)::
         and dead-letter to exchange P.dlx
     exchange  P.dlx (headers) ──▶ the sending client's result queue (matched on header mqexec-reply)
                               ──▶ classic queue P.dead     (every dead letter, for people; bounded)
-    quorum queue   P.results.<session>   one per client session: results, leases, dead letters (x-expires)
+    queue          P.results.<session>   one per client session: results, leases, dead letters (x-expires);
+                                         a quorum queue when the broker URL lists a cluster's nodes
     classic queue  P.blob.<sha256>[.<i>] a function / argument / scattered value shipped once (x-expires)
     exchange  P.pidbox, P.ev            Celery remote control and events (Flower), per prefix
 
@@ -67,8 +68,9 @@ def exchange(cfg: Config) -> Exchange:
 
 
 def results_queue(cfg: Config, session: str) -> Queue:
-    """A client session's queue for results, leases and its own dead letters; replicated (quorum) on RabbitMQ
-    so a cluster node may fail, and deleted by the broker ``session_expire`` after the client is gone."""
+    """A client session's queue for results, leases and its own dead letters; replicated (quorum) when the client
+    was given a cluster (``Config.results_replicated``), so a node may fail; deleted by the broker
+    ``session_expire`` after the client is gone."""
     from kombu import Exchange, Queue, binding
 
     name = results_queue_name(cfg, session)

@@ -261,6 +261,12 @@ class Task:
             signature = b""
         if not trust.verify(_canonical(body), signature):
             raise SignatureError(f"task {_shown(body.get('id', '?'))} has a bad signature: forged or tampered with")
+        return cls.checked(body)
+
+    @classmethod
+    def checked(cls, body: dict[str, Any]) -> Task:
+        """A task from the body of a message whose signature was verified already (by the worker's gate, in the
+        process that hands it to its pool process)."""
         if body.get("v") != VERSION:
             raise SignatureError(f"task has envelope version {body.get('v')!r}; this mqexec speaks {VERSION}")
         try:
@@ -386,6 +392,7 @@ class Outcome:
     sha: str = ""
     error: dict[str, Any] | None = None
     system: str = ""
+    seconds: float = 0.0  #: how long the call took on the worker
 
 
 def result_frame(session: str, worker: str, msg: str, outcomes: list[Outcome], site: str = "") -> Frame:
@@ -393,7 +400,7 @@ def result_frame(session: str, worker: str, msg: str, outcomes: list[Outcome], s
     parts: list[bytes] = []
     rows = []
     for o in outcomes:
-        row: dict[str, Any] = {"k": key_to_json(o.key), "ok": o.ok}
+        row: dict[str, Any] = {"k": key_to_json(o.key), "ok": o.ok, "s": round(o.seconds, 6)}
         if o.ok:
             row["t"] = o.type_name
             if o.value is not None:
@@ -413,22 +420,16 @@ def outcomes_of(frame: Frame) -> list[Outcome]:
     """The outcomes in a ``result`` frame."""
     out = []
     for row in frame.head.get("outcomes", []):
-        key = key_from_json(row["k"])
+        key, seconds = key_from_json(row["k"]), float(row.get("s") or 0.0)
         if not row["ok"]:
-            out.append(Outcome(key, False, error=row.get("err") or {}, system=row.get("sys") or ""))
-        elif "part" in row:
-            out.append(Outcome(key, True, str(row.get("t", "")), value=frame.parts[int(row["part"])]))
+            out.append(Outcome(key, False, error=row.get("err") or {}, system=row.get("sys") or "", seconds=seconds))
+            continue
+        type_name = str(row.get("t", ""))
+        if "part" in row:
+            value: dict[str, Any] = {"value": frame.parts[int(row["part"])]}
         elif "lake" in row:
-            out.append(Outcome(key, True, str(row.get("t", "")), lake=dict(row["lake"])))
+            value = {"lake": dict(row["lake"])}
         else:
-            out.append(
-                Outcome(
-                    key,
-                    True,
-                    str(row.get("t", "")),
-                    pieces=int(row["pieces"]),
-                    size=int(row["size"]),
-                    sha=str(row["sha"]),
-                )
-            )
+            value = {"pieces": int(row["pieces"]), "size": int(row["size"]), "sha": str(row["sha"])}
+        out.append(Outcome(key, True, type_name, seconds=seconds, **value))
     return out
