@@ -410,11 +410,13 @@ class Courier(threading.Thread):
                 and calls[end].fn.hash == first.fn.hash
                 and calls[end].resource == first.resource
                 and calls[end].batch == first.batch
+                and (calls[end].attempts == 0) == (first.attempts == 0)
             ):
                 end += 1
             size = first.batch
             fast = self._fast.get(first.fn.hash, 1.0) < _FAST_CALL
-            if first.group == 0 and end - start >= _COALESCE_FROM and fast:
+            if first.group == 0 and first.attempts == 0 and end - start >= _COALESCE_FROM and fast:  # a call whose
+                # worker died goes alone, so one poison call cannot take shared messages down again and again
                 size = min(_COALESCE_MAX, max(2, (end - start) // _COALESCE_FROM))
             for i in range(start, end, size):
                 self._send(calls[i : min(i + size, end)])

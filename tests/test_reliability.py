@@ -157,3 +157,23 @@ def test_resources_route_to_workers_that_offer_them(start_worker, client):
     assert "cpu" in anywhere
     cfg = client.config
     assert task_queue_name(cfg, "GPU") == f"{cfg.queue_prefix}.{cfg.env}.GPU"
+
+
+def dies_on(x: int, bad: int) -> int:
+    if x == bad:
+        os._exit(3)
+    return x
+
+
+def test_a_poison_call_in_a_coalesced_submit_loop_fails_alone(start_worker, client):
+    """A submit loop of a fast function travels in shared messages; a call that kills its worker takes its
+    message down once, then goes alone — the others complete, only it fails."""
+    start_worker("--concurrency", "2")
+    assert client.gather(client.map(dies_on, range(20), [-1] * 20)) == list(range(20))  # the function is fast
+    futures = [client.submit(dies_on, x, 13, pure=False) for x in range(200)]
+    mqexec.wait(futures, timeout=120)
+    failed = [f for f in futures if f.status == "error"]
+    assert [f.key for f in failed] == [futures[13].key]
+    assert isinstance(failed[0].exception(), mqexec.TaskDeadLettered)
+    assert [f.result() for i, f in enumerate(futures) if i != 13] == [x for x in range(200) if x != 13]
+    assert client.stats()["counts"]["messages"] < 150  # they did share messages
