@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """coffea Runner benchmark: the AGC CMS ttbar processor on synthetic NanoAOD, one executor after another.
 
-Same machine, same fileset (written by ``mqexec.synthetic`` on first use and reused afterwards), same
+Same machine, same fileset (written by ``tools/synthetic.py`` on first use and reused afterwards), same
 chunksize; for each executor one timed ``Runner`` call (wall time from submitting the fileset to the merged
 output, excluding executor set-up such as starting a Dask cluster, which is reported separately). Every
 executor's output is checked against FuturesExecutor's (same nevents, same histograms).
@@ -73,80 +73,13 @@ BROKER = os.environ.get("MQEXEC_BENCH_BROKER", "amqp://guest:guest@127.0.0.1:567
 
 @contextlib.contextmanager
 def _mqexec_workers(**executor_kw):
-    """``WORKERS`` ``mqexec worker --concurrency 1`` processes on the broker (own queue prefix and key),
-    and an MQExecutor on a client of that broker; workers stopped and queues deleted afterwards."""
-    import secrets
-    import signal
-    import subprocess
+    """An MQExecutor on ``WORKERS`` ``mqexec worker --concurrency 1`` processes on the broker."""
+    from _workers import mqexec_workers
 
-    import mqexec
     from mqexec import MQExecutor
 
-    prefix, secret = f"bench{secrets.token_hex(4)}", secrets.token_hex(16)
-    logdir = Path(tempfile.mkdtemp(prefix="mqexec-bench-"))
-    env = {
-        **os.environ,
-        "MQEXEC_QUEUE_PREFIX": prefix,
-        "MQEXEC_SECRET": secret,
-        "MQEXEC_CACHE_DIR": str(logdir / "cache"),
-        "PYTHONPATH": str(REPO),
-    }
-    procs = []
-    try:
-        for i in range(WORKERS):
-            log = logdir / f"worker{i}.log"
-            procs.append(
-                (
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "mqexec",
-                            "worker",
-                            "--broker",
-                            BROKER,
-                            "--concurrency",
-                            "1",
-                            "--hostname",
-                            f"w{i}-{prefix}@bench",
-                            "--loglevel",
-                            "WARNING",
-                        ],
-                        env=env,
-                        stdout=log.open("wb"),
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    ),
-                    log,
-                )
-            )
-        with mqexec.Client(BROKER, queue_prefix=prefix, secret=secret) as client:
-            deadline = time.monotonic() + 60
-            while sum(prefix in name for name in client._app.control.inspect(timeout=0.5).ping() or {}) < WORKERS:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"mqexec workers not ready after 60 s (logs in {logdir})")
-            yield MQExecutor(client=client, status=False, **executor_kw)
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        _delete_queues(prefix)
-
-
-def _delete_queues(prefix: str) -> None:
-    from kombu import Connection
-
-    from mqexec.config import Config
-    from mqexec.topology import delete_topology
-
-    with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
-        delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))
+    with mqexec_workers(BROKER, WORKERS) as client:
+        yield MQExecutor(client=client, status=False, **executor_kw)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ count, all tree-reduced by dask. It is computed with
 * ``scheduler="processes"`` (dask's multiprocessing pool, 2 processes),
 * ``distributed.Client(LocalCluster(n_workers=2, threads_per_worker=1))``,
 * mqexec: ``scheduler=client.get`` with 2 ``mqexec worker --concurrency 1`` processes this script starts on
-  RabbitMQ (amqp://guest:guest@127.0.0.1:5672//, ``MQEXEC_SECRET`` set for both sides).
+  RabbitMQ (amqp://guest:guest@127.0.0.1:5672//, a fresh key; ``benchmarks/_workers.py``).
 
 Each scheduler computes the graph once untimed (workers import coffea, files get into the page cache), then
 ``--repeat`` timed times; the best is reported. Outputs are checked against ``scheduler="sync"``.
@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,52 +70,6 @@ def timed(compute, repeat: int) -> tuple[float, object]:
         out = compute()
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-def start_mqexec_workers(prefix: str, secret: str, log_dir: Path) -> list[subprocess.Popen]:
-    env = {
-        **os.environ,
-        "MQEXEC_QUEUE_PREFIX": prefix,
-        "MQEXEC_SECRET": secret,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = []
-    for n in range(WORKERS):
-        log = open(log_dir / f"worker{n}.log", "wb")  # noqa: SIM115 - lives as long as the worker
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mqexec",
-                    "worker",
-                    "--broker",
-                    BROKER,
-                    "--concurrency",
-                    "1",
-                    "--hostname",
-                    f"bench{n}-{prefix}@local",
-                    "--loglevel",
-                    "WARNING",
-                ],
-                env={**env, "MQEXEC_CACHE_DIR": str(log_dir / f"cache{n}")},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    return procs
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,29 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("distributed, LocalCluster(2 workers x 1 thread)", wall, "{dask_tasks} tasks", check(out)))
 
     # mqexec
-    import mqexec
+    from _workers import mqexec_workers
+
     from mqexec.adapters.dask import STATS
 
-    prefix = f"bench{uuid.uuid4().hex[:8]}"
-    secret = os.environ.setdefault("MQEXEC_SECRET", f"bench-{uuid.uuid4().hex}")
-    log_dir = Path(tempfile.mkdtemp(prefix="mqexec-dask-bench-"))
-    workers = start_mqexec_workers(prefix, secret, log_dir)
-    try:
-        with mqexec.Client(BROKER, queue_prefix=prefix, secret=secret) as client:
-            wall, out = timed(lambda: dask.compute(*outputs, scheduler=client.get), args.repeat)
-            STATS.clear()
-            dask.compute(*outputs, scheduler=client.get)
-            msgs = f"{2 * STATS['tasks']} ({STATS['tasks']} tasks + results; {STATS['dask_tasks']} dask tasks)"
-            rows.append(("mqexec, 2 workers x 1 process (RabbitMQ)", wall, msgs, check(out)))
-    finally:
-        stop(workers)
-        from kombu import Connection
-
-        from mqexec.config import Config
-        from mqexec.topology import delete_topology
-
-        with Connection(BROKER.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:  # its queues too
-            delete_topology(conn.channel(), Config.load(broker_url=BROKER, queue_prefix=prefix))
+    with mqexec_workers(BROKER, WORKERS) as client:
+        wall, out = timed(lambda: dask.compute(*outputs, scheduler=client.get), args.repeat)
+        STATS.clear()
+        dask.compute(*outputs, scheduler=client.get)
+        msgs = f"{2 * STATS['tasks']} ({STATS['tasks']} tasks + results; {STATS['dask_tasks']} dask tasks)"
+        rows.append(("mqexec, 2 workers x 1 process (RabbitMQ)", wall, msgs, check(out)))
 
     n_events = args.files * args.events
     print(

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
-import uuid
 
 from _plot import save_bar_chart
+from _workers import mqexec_workers
 
 
 def noop(x):
@@ -47,58 +45,11 @@ def measure(client, tasks: int, roundtrips: int, loop: bool = False, **map_kw) -
 
 
 def run_mqexec(broker: str, tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:
-    import mqexec
-    from mqexec.keys import Identity
-
-    prefix = f"bench{uuid.uuid4().hex[:8]}"
-    identity = Identity.new()
-    env = {
-        **os.environ,
-        "MQEXEC_SECRET": identity.trust.token(),
-        "MQEXEC_QUEUE_PREFIX": prefix,
-        "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
-    }
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mqexec",
-                "worker",
-                "--broker",
-                broker,
-                "--concurrency",
-                "1",
-                "--loglevel",
-                "WARNING",
-            ],
-            env=env,
-            start_new_session=True,
-        )
-        for _ in range(2)
-    ]
-    try:
-        with mqexec.Client(broker, identity=identity.text(), queue_prefix=prefix) as client:
-            out = {"mqexec (batched map)": measure(client, tasks, roundtrips)}
-            out["mqexec (batch_size=1)"] = measure(client, tasks, roundtrips, batch_size=1)
-            out["mqexec (submit loop)"] = measure(client, tasks, roundtrips, loop=True)
-            return out
-    finally:
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            w.wait(30)
-        _delete_queues(broker, prefix)
-
-
-def _delete_queues(broker: str, prefix: str) -> None:
-    from kombu import Connection
-
-    from mqexec.config import Config
-    from mqexec.topology import delete_topology
-
-    with Connection(broker.replace("amqp://", "pyamqp://", 1), connect_timeout=5) as conn:
-        delete_topology(conn.channel(), Config.load(broker_url=broker, queue_prefix=prefix))
+    with mqexec_workers(broker, 2) as client:
+        out = {"mqexec (batched map)": measure(client, tasks, roundtrips)}
+        out["mqexec (batch_size=1)"] = measure(client, tasks, roundtrips, batch_size=1)
+        out["mqexec (submit loop)"] = measure(client, tasks, roundtrips, loop=True)
+        return out
 
 
 def run_embedded(tasks: int, roundtrips: int) -> dict[str, dict[str, float]]:

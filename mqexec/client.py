@@ -27,6 +27,7 @@ import io
 import logging
 import pickle
 import reprlib
+import time
 import types
 import uuid
 import warnings
@@ -495,6 +496,27 @@ class Client:
                 "by_site": dict(self._ledger.by_site),
                 "in_flight": len(self._ledger.calls),
             }
+
+    def wait_for_workers(self, n_workers: int = 1, timeout: float | None = None) -> list[str]:
+        """Block until at least ``n_workers`` workers of this queue prefix answer a ping; their names.
+
+        >>> client.wait_for_workers(2, timeout=60)     # doctest: +SKIP
+        ['mqexec-py3.11-4242@wn042', 'mqexec-py3.11-4243@wn042']
+
+        Raises:
+            TimeoutError: fewer answered within ``timeout`` s (None: wait for ever), naming how many did.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            replies = self._app.control.ping(timeout=0.5) or []
+            names = sorted(name for reply in replies for name in reply)
+            if len(names) >= n_workers:
+                return names
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(names)} of {n_workers} workers of queue prefix {self.config.queue_prefix!r} "
+                    f"answered within {timeout:g} s"
+                )
 
     # -- the call, again, here -----------------------------------------------------------------------------------
 

@@ -211,3 +211,12 @@ def test_scatter_of_nested_lists_scatters_the_top_level(worker, client):
     (inner,) = client.scatter([[1, 2, 3]])
     assert isinstance(inner, mqexec.Future) and inner.result() == [1, 2, 3]
     assert client.submit(sum, inner).result(timeout=30) == 6
+
+
+def test_wait_for_workers_names_them_or_says_how_many_answered(start_worker, client):
+    start_worker()
+    start_worker()
+    names = client.wait_for_workers(2, timeout=30)
+    assert len(names) == 2 and all(client.config.queue_prefix in n for n in names)
+    with pytest.raises(TimeoutError, match=r"2 of 3 workers of queue prefix .* answered within 1 s"):
+        client.wait_for_workers(3, timeout=1)
