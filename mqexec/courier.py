@@ -14,6 +14,10 @@ again, and so is every task a worker skipped while the client was away (a worker
 leaves a "skipped" note in its results queue) — or, if that queue expired meanwhile, every task no worker holds.
 Calls that cannot be sent for ``publish_timeout`` fail with :class:`BrokerError` and are forgotten, so the same
 call submitted again runs.
+
+One piece because: every branch here runs on the one thread that owns both connections — sending, receiving,
+reconnecting and resending must see the same outbox and the same unconfirmed messages without locks between
+them; what it decides with (leases, attempts, dependencies) is in ``ledger.py``, what it sends in ``wire.py``.
 """
 
 from __future__ import annotations

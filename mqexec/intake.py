@@ -18,6 +18,10 @@ Why not Celery's ``acks_late``: an acknowledgement held for a whole task runs in
 ``consumer_timeout`` (the broker closes the channel, the task runs again on the next worker and kills it too)
 and turns every connection blip into a rerun. Acknowledging on receipt and leasing the task to the client
 (``ledger.py``) keeps at-least-once without either (``docs/design.md``, "Leases").
+
+One piece because: the checks, the lease notes, flow control and the wrong-key policy all act on one delivery in
+Celery's event loop, in an order that is the guarantee (lease before ack, ack before the pool); split, that order
+would live in no one file. What a task does once taken is ``execute.py``; what the envelope is, ``wire.py``.
 """
 
 from __future__ import annotations
