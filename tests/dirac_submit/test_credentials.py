@@ -1,19 +1,16 @@
 """RabbitMQUserIssuer against a real RabbitMQ node with the management plugin, started for this module.
 
-The node is private (own ports, data dir and name), so the machine's shared broker is untouched.
+The node is private (``tests/rabbit.py``: own ports, data dir, name and cookie; removed even after a killed run),
+so the machine's shared broker is untouched.
 """
 
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ from urllib.parse import unquote
 import pytest
 import requests
 from dirac_pki import PKI
+from rabbit import PrivateNode
 from tornado_contract_server import TornadoContractServer
 
 from dirac_submit import AuthError, JobPool, JobTemplate, RabbitMQUserIssuer
@@ -30,63 +28,27 @@ kombu = pytest.importorskip("kombu", reason="kombu (an mqexec core dependency) i
 from amqp.exceptions import AccessRefused  # noqa: E402  (amqp comes with kombu)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def management() -> Iterator[tuple[str, str]]:
     """(management URL, AMQP URL template) of a private RabbitMQ node with rabbitmq_management."""
     if shutil.which("rabbitmq-server") is None:
         pytest.skip("rabbitmq-server is not installed (Debian: apt-get install rabbitmq-server)")
-    base = Path(tempfile.mkdtemp(prefix="dsub-rmq-"))
-    amqp, http, dist = _free_port(), _free_port(), _free_port()
-    (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
-    (base / "rabbitmq.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{amqp}\nmanagement.tcp.ip = 127.0.0.1\n"
-        f"management.tcp.port = {http}\nloopback_users = none\n"
-    )
-    if os.getuid() == 0:  # Debian's wrapper drops to the rabbitmq user
-        user = pwd.getpwnam("rabbitmq")
-        os.chown(base, user.pw_uid, user.pw_gid)
-        for path in base.iterdir():
-            os.chown(path, user.pw_uid, user.pw_gid)
-    node = f"dsubtest{os.getpid()}@localhost"
-    env = dict(
-        os.environ,
-        RABBITMQ_NODENAME=node,
-        RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
-        RABBITMQ_DIST_PORT=str(dist),
-        RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
-        RABBITMQ_LOG_BASE=str(base / "log"),
-        RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
-        RABBITMQ_CONFIG_FILE=str(base / "rabbitmq"),
-        RABBITMQ_PID_FILE=str(base / "pid"),
-    )
-    server = subprocess.Popen(
-        ["rabbitmq-server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{http}"
+    node = PrivateNode(management=True)
     try:
+        node.start()
+        url = f"http://127.0.0.1:{node.management_port}"
         deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"private rabbitmq-server exited; see {base / 'log'}"
-            assert time.monotonic() < deadline, "private rabbitmq-server did not start within 60 s"
+        while True:  # the management listener comes up a moment after AMQP
+            assert time.monotonic() < deadline, "the private node's management API did not answer within 60 s"
             try:
                 if requests.get(f"{url}/api/overview", auth=("guest", "guest"), timeout=1).ok:
                     break
             except requests.ConnectionError:
                 pass
             time.sleep(0.3)
-        yield url, f"amqp://127.0.0.1:{amqp}/{{vhost}}"
+        yield url, f"amqp://127.0.0.1:{node.amqp_port}/{{vhost}}"
     finally:
-        subprocess.run(["rabbitmqctl", "-n", node, "shutdown"], env=env, capture_output=True, timeout=60)
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        shutil.rmtree(base, ignore_errors=True)
+        node.remove()
 
 
 def _users(url: str) -> set[str]:
