@@ -115,10 +115,14 @@ def _soak(
     client: mqexec.Client,
     start_worker: Callable[..., Worker],
     case: str,
+    reference_chunksize: int,
 ) -> None:
+    """Soak for about ``seconds``; the serial reference is run with ``reference_chunksize`` (the runs' own chunk size
+    for a processor whose output depends on where chunks begin: the AGC one seeds its smearing by chunk)."""
     from mqexec import MQExecutor
 
-    reference, ref_metrics = _run(fileset, coffea_processor.IterativeExecutor(status=False), processor, schema, 5_000)
+    serial = coffea_processor.IterativeExecutor(status=False)
+    reference, ref_metrics = _run(fileset, serial, processor, schema, reference_chunksize)
     chunks = sum(-(-n // CHUNKSIZE) for n in reference["nevents"].values())
     assert chunks >= 500
     churn = _Churn(lambda: start_worker("--concurrency", "1", ready=False), 3, seed=int(time.time()))
@@ -154,7 +158,7 @@ def _soak(
 def test_churn_soak_one_minute(
     soak_fileset: dict[str, Any], client: mqexec.Client, start_worker: Callable[..., Worker]
 ) -> None:
-    _soak(60, soak_fileset, JetPt(), BaseSchema, client, start_worker, "soak-1min")
+    _soak(60, soak_fileset, JetPt(), BaseSchema, client, start_worker, "soak-1min", reference_chunksize=5_000)
 
 
 @pytest.mark.slow
@@ -162,4 +166,7 @@ def test_churn_soak_one_minute(
 def test_churn_soak_ten_minutes(
     soak_fileset: dict[str, Any], client: mqexec.Client, start_worker: Callable[..., Worker]
 ) -> None:
-    _soak(600, soak_fileset, agc.TtbarAnalysis(), NanoAODSchema, client, start_worker, "soak-10min")
+    processor = agc.TtbarAnalysis()
+    _soak(
+        600, soak_fileset, processor, NanoAODSchema, client, start_worker, "soak-10min", reference_chunksize=CHUNKSIZE
+    )
