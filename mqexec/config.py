@@ -141,7 +141,9 @@ class Config:
     inline_limit: int = 2048  #: functions larger than this are shipped once per worker by hash
     arg_inline_limit: int = 64 * 1024  #: arguments / dependency values larger than this are shipped once as blobs
     connect_timeout: float = 5.0
-    heartbeat: float = 30.0  #: AMQP heartbeat of clients and workers: a silent peer is found in ~2 intervals
+    #: AMQP heartbeat of clients and workers: a silent peer is found in ~2 intervals — well inside lease_timeout,
+    #: so a worker behind a half-open connection reconnects and renews its leases before its tasks are sent again
+    heartbeat: float = 15.0
     lease_interval: float = 10.0  #: how often a worker says which tasks it holds
     lease_timeout: float = 60.0  #: a task whose worker has not said so for this long is sent again
     session_grace: float = 15.0  #: a client gone this long is over: workers skip its queued tasks
