@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -211,6 +212,19 @@ def drop(conn: Connection | None) -> None:
     if conn is not None:
         with contextlib.suppress(Exception):
             conn.collect()
+
+
+_TOO_LARGE = re.compile(r"larger than configured max size (\d+)")  #: RabbitMQ's PRECONDITION_FAILED text
+
+
+def refused_size(exc: BaseException) -> int | None:
+    """The broker's ``max_message_size`` if ``exc`` is its refusal of a message as too large, else None.
+
+    >>> refused_size(Exception("PRECONDITION_FAILED - message size 9000000 is larger than configured max size 4000000"))
+    4000000
+    """
+    found = _TOO_LARGE.search(str(exc))
+    return int(found.group(1)) if found else None
 
 
 def explain(exc: BaseException, cfg: Config, url: str | None = None) -> BrokerError:

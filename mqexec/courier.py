@@ -33,7 +33,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from .blobs import pieces
-from .broker import connect, drop, redact
+from .broker import connect, drop, redact, refused_size
 from .errors import BrokerError, SignatureError, TaskDeadLettered
 from .futures import Lazy
 from .ledger import CallRecord, Ledger, MessageRecord
@@ -99,6 +99,7 @@ class Courier(threading.Thread):
         self._connected = False  #: connected before (a connect is a reconnect)
         self._to_ack: Any = None  # the last message taken from the results queue, not yet acknowledged
         self._fast: dict[str, float] = {}  # function hash → its calls' average time on the workers (s)
+        self._max_message: int | None = None  # the broker's max_message_size, once it refused a blob piece
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -119,6 +120,9 @@ class Courier(threading.Thread):
                 if self._stop_event.is_set():
                     break
                 self._lost(exc)
+                limit = refused_size(exc)
+                if limit is not None:
+                    self._refuse_big_blobs(limit)
                 self._stop_event.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 self._fail_unsendable()
@@ -136,6 +140,8 @@ class Courier(threading.Thread):
     def put_blob(self, data: bytes, digest: str | None = None) -> Ref:
         """Ship ``data`` once (from any thread); it goes out before any task sent after this call."""
         digest = digest or sha256(data)
+        if self._max_message is not None and min(len(data), self.cfg.piece_size) > self._max_message:
+            raise self._too_large(self._max_message)
         parts = 0 if len(data) <= self.cfg.piece_size else len(pieces(data, self.cfg.piece_size))
         with self._puts_lock:
             if digest not in self.blobs and digest not in self._blob_data:
@@ -143,6 +149,33 @@ class Courier(threading.Thread):
                 self._puts.append((digest, data))
         self.wake()
         return Ref(blob=digest, size=len(data), pieces=parts)
+
+    def _too_large(self, limit: int) -> BrokerError:
+        return BrokerError(
+            f"the broker refuses messages over {limit} bytes (its max_message_size), and piece_size is "
+            f"{self.cfg.piece_size}: set piece_size (MQEXEC_PIECE_SIZE) below {limit}"
+        )
+
+    def _refuse_big_blobs(self, limit: int) -> None:
+        """The broker refused a blob piece as larger than its ``max_message_size``: the calls that need a blob cut
+        in pieces that large fail (and are forgotten), saying so, instead of being sent again for ever; later ones
+        fail at submit (:meth:`put_blob`)."""
+        self._max_message = limit
+        with self._puts_lock:
+            big = {d for d, data in self._blob_data.items() if min(len(data), self.cfg.piece_size) > limit}
+            self._puts = [(d, data) for d, data in self._puts if d not in big]
+            for digest in big:
+                self.blobs.pop(digest, None)
+                self._blob_data.pop(digest, None)
+        self._unconfirmed = {t: m for t, m in self._unconfirmed.items() if m.removeprefix("blob:") not in big}
+        values = self.ledger.values
+
+        def needs_big(c: CallRecord) -> bool:
+            refs = [c.args, c.fn.ref, c.fn.code, *(values.get(k) for k in c.deps)]
+            return any(r is not None and r.blob in big for r in refs)
+
+        n = self.ledger.fail_all(needs_big, self._too_large(limit), forget=True)
+        log.error("%d call(s) failed: %s", n, self._too_large(limit))
 
     def blob_bytes(self, ref: Ref) -> bytes:
         """The bytes of a blob this client put (to run a call again locally)."""

@@ -21,14 +21,13 @@ import inspect
 import logging
 import os
 import pickle
-import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .blobs import BlobCache, MissingBlob, pieces
-from .broker import connect, drop
+from .broker import connect, drop, refused_size
 from .codeship import Installer
 from .errors import EnvironmentMismatch, SerializationError
 from .remote import describe
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mqexec.worker")
 _executor: Executor | None = None
-_TOO_LARGE = re.compile(r"larger than configured max size (\d+)")  #: RabbitMQ's PRECONDITION_FAILED text
 _HEAD_ROOM = 64 * 1024  #: a frame's bytes besides its value (head, signature)
 
 
@@ -239,10 +237,9 @@ class Executor:
     def _fit_below(self, exc: BaseException) -> bool:
         """If the broker refused a message as larger than its ``max_message_size``: cut pieces below that from now
         on, and say so once. True if the frames are to be cut again."""
-        found = _TOO_LARGE.search(str(exc))
-        if found is None or int(found.group(1)) - _HEAD_ROOM >= self._piece_size:
+        limit = refused_size(exc)
+        if limit is None or limit - _HEAD_ROOM >= self._piece_size:
             return False
-        limit = int(found.group(1))
         self._piece_size = max(limit - _HEAD_ROOM, _HEAD_ROOM)
         log.warning(
             "the broker refuses messages over %d bytes (its max_message_size), below piece_size: sending results in "

@@ -87,6 +87,29 @@ def test_a_batch_of_results_above_the_limit_together_and_pieces_above_the_broker
     )
 
 
+def test_client_pieces_above_the_broker_limit_fail_those_calls_saying_so(
+    node: PrivateNode, on_node: dict[str, Any], start_worker: Callable[..., Worker]
+) -> None:
+    """A client whose piece_size (32 MiB) is above the broker's max_message_size (16 MiB): the call with a 20 MB
+    argument fails within seconds with the fix named (it was sent again for ever); the next such submit raises at
+    once; calls with smaller arguments run."""
+    from mqexec.errors import BrokerError
+
+    start_worker("--concurrency", "1", broker=node.url())
+    with mqexec.Client(node.url(), **on_node, piece_size=32 << 20) as client:
+        started = time.monotonic()
+        doomed = client.submit(len, b"x" * (20 * MB), pure=False)
+        with pytest.raises(BrokerError, match=r"refuses messages over 16777216 bytes .* set piece_size .* below"):
+            doomed.result(timeout=60)
+        took = time.monotonic() - started
+        with pytest.raises(BrokerError, match="max_message_size"):
+            client.submit(len, b"y" * (20 * MB), pure=False)
+        assert client.submit(len, b"z" * (10 * MB), pure=False).result(timeout=60) == 10 * MB
+        assert client.submit(len, b"small").result(timeout=60) == 5
+        assert client.stats()["in_flight"] == 0
+    print(f"\nclient piece above the broker limit: failed after {took:.1f} s")
+
+
 # --------------------------------------------------------------------------------------- 6. wrong identity
 def test_a_worker_with_the_wrong_identity_costs_the_run_nothing(
     node: PrivateNode, on_node: dict[str, Any], start_worker: Callable[..., Worker], tmp_path: Path
