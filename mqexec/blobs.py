@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .broker import drop
 from .errors import MQExecError
-from .topology import blob_queue_name
+from .topology import blob_queue_names
 from .wire import sha256
 
 if TYPE_CHECKING:
@@ -73,11 +73,7 @@ class BlobCache:
                 return data
         except OSError:
             pass
-        names = (
-            [blob_queue_name(self.cfg, digest)]
-            if not parts
-            else [blob_queue_name(self.cfg, digest, i) for i in range(parts)]
-        )
+        names = blob_queue_names(self.cfg, digest, parts)
         conn = self._connect()
         try:
             data = b"".join(_read(conn, name) for name in names)

@@ -42,7 +42,7 @@ from .config import Config
 from .errors import ConfigError, SerializationError
 from .futures import Future, futures_of
 from .ledger import CallRecord, Function, Ledger
-from .topology import blob_queue_name, results_queue_name, task_queue_name
+from .topology import results_queue_name, task_queue_name
 from .wire import Key, Ref, collecting, resolving, sha256
 
 log = logging.getLogger("mqexec.client")
@@ -599,13 +599,7 @@ class Client:
     shutdown = close
 
     def _delete_queues(self) -> None:
-        names = [self.reply_to]
-        for digest, parts in self._courier.blobs.items():
-            names += (
-                [blob_queue_name(self.config, digest)]
-                if not parts
-                else [blob_queue_name(self.config, digest, i) for i in range(parts)]
-            )
+        names = [self.reply_to, *self._courier.blob_queues()]
         try:
             with connect(self.config) as conn:
                 channel = conn.channel()

@@ -43,7 +43,7 @@ from .topology import (
     REPLY_HEADER,
     TASK_NAME,
     blob_queue,
-    blob_queue_name,
+    blob_queue_names,
     declare_dead_queue,
     results_queue,
     task_queue,
@@ -176,6 +176,13 @@ class Courier(threading.Thread):
 
         n = self.ledger.fail_all(needs_big, self._too_large(limit), forget=True)
         log.error("%d call(s) failed: %s", n, self._too_large(limit))
+
+    def blob_queues(self) -> list[str]:
+        """The queues of every blob this session put or is about to put again (after a reconnect, a blob whose
+        confirm had not come yet waits in the puts although its queue may well be on the broker)."""
+        with self._puts_lock:
+            waiting = [(d, _count(pieces(data, self.cfg.piece_size))) for d, data in self._puts]
+        return [n for d, parts in [*self.blobs.items(), *waiting] for n in blob_queue_names(self.cfg, d, parts)]
 
     def blob_bytes(self, ref: Ref) -> bytes:
         """The bytes of a blob this client put (to run a call again locally)."""
@@ -390,11 +397,7 @@ class Courier(threading.Thread):
             puts, self._puts = self._puts, []
         for digest, data in puts:
             parts = pieces(data, self.cfg.piece_size)
-            names = (
-                [blob_queue_name(self.cfg, digest)]
-                if len(parts) == 1
-                else [blob_queue_name(self.cfg, digest, i) for i in range(len(parts))]
-            )
+            names = blob_queue_names(self.cfg, digest, _count(parts))
             for name, part in zip(names, parts, strict=True):
                 queue = blob_queue(self.cfg, name)(self._channel)
                 if queue.queue_declare()[1]:  # already there (another session of this analysis put it)
@@ -410,7 +413,7 @@ class Courier(threading.Thread):
                 )
                 if self.cfg.transport.confirms:
                     self._unconfirmed[self._tag] = f"blob:{digest}"
-            self.blobs[digest] = 0 if len(parts) == 1 else len(parts)
+            self.blobs[digest] = _count(parts)
 
     def _keep_blobs(self) -> None:
         """Redeclare this session's blob queues, so a long idle stretch does not expire them (x-expires); on a
@@ -418,12 +421,7 @@ class Courier(threading.Thread):
         channel = self._out.channel()
         try:
             for digest, parts in list(self.blobs.items()):
-                names = (
-                    [blob_queue_name(self.cfg, digest)]
-                    if not parts
-                    else [blob_queue_name(self.cfg, digest, i) for i in range(parts)]
-                )
-                for name in names:
+                for name in blob_queue_names(self.cfg, digest, parts):
                     blob_queue(self.cfg, name)(channel).queue_declare()
         except self._out.channel_errors as exc:
             log.debug("could not keep the blob queues: %s", exc)
@@ -663,3 +661,8 @@ class Courier(threading.Thread):
             self.ledger.counts["dead_broker"] += 1
             exc = TaskDeadLettered(f"task {call.label} [{call.key}] could not run: {why}")
             self.ledger.outcome(task.id, call.key, lambda s, exc=exc: s.fail(exc), None)  # type: ignore[misc]
+
+
+def _count(parts: list[bytes]) -> int:
+    """How a blob's pieces are counted on the wire (:class:`~mqexec.wire.Ref`): 0 for a single message."""
+    return 0 if len(parts) == 1 else len(parts)

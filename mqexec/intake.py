@@ -11,8 +11,9 @@
         4. ack ──▶ Celery's strategy ──▶ Request ──▶ pool process (execute.py)
     every lease_interval: "held [ids]" per client · a pool process died: "lost [id]" · stopping: "released [ids]"
     a task finished ──▶ Request.__init_subclass__ hook ──▶ Gate.finished ──▶ consume again
-    connection lost ──▶ Celery reconnects ──▶ the gate keeps what it holds: leases renewed at once, consuming
-        again only if not full (a blip is not a stop: the running tasks carry on)
+    connection lost ──▶ Celery drops the tasks no process started ──▶ reconnects ──▶ the gate gives those back
+        ("released [ids]"), renews the leases of the running ones at once and consumes again only if not full (a
+        blip is not a stop: the running tasks carry on)
 
 Why not Celery's ``acks_late``: an acknowledgement held for a whole task runs into RabbitMQ's
 ``consumer_timeout`` (the broker closes the channel, the task runs again on the next worker and kills it too)
@@ -91,6 +92,7 @@ class Gate:
         self.concurrency = cfg.concurrency
         self._task_seconds = 1.0  # moving average of how long a task stays here; starts "long": no extra task
         self.held: dict[str, _Held] = {}
+        self._give_back: list[_Held] = []  # dropped by Celery with a lost connection: "released" once connected
         self.exit_code = 0
         self.taken = 0
         self._nonces: dict[str, float] = {}
@@ -115,7 +117,10 @@ class Gate:
         else:  # AMQP pushes: the consumer is cancelled while full (see _pause) — also after a reconnect
             self._consumer = consumer
             self._paused = len(self.held) >= self.capacity  # then consume() waits for a task to finish
-        if self.held:  # after a reconnect: tell the clients at once that we still hold these
+        for held in self._give_back:  # after a reconnect: the tasks Celery dropped go back to their clients
+            self._note(held.session, held.reply_to, released=[held.msg])
+        self._give_back = []
+        if self.held:  # ... and the clients hear at once that we still hold the others
             self.renew()
 
     def detach(self) -> None:
@@ -299,13 +304,22 @@ class Gate:
 
     def release_unstarted(self) -> None:
         """At shutdown: give back the tasks taken but not started, so the clients send them again at once."""
+        for held in self._unstarted():
+            self._note(held.session, held.reply_to, released=[held.msg])
+
+    def give_back_unstarted(self) -> None:
+        """The connection was lost: Celery has just dropped every task it had not started (``Consumer.on_close``
+        clears the pool's waiting list, "they will be redelivered"). Ours were acknowledged already, so nothing
+        redelivers them: kept here, they would hang their clients (leases renewed for a task that never runs).
+        They go back to their clients with a "released" note as soon as the new connection is up (:meth:`attach`)."""
+        self._give_back += self._unstarted()
+
+    def _unstarted(self) -> list[_Held]:
+        """Forget the held tasks that no pool process has accepted, and return them."""
         from celery.worker import state
 
         active = {r.id for r in state.active_requests}
-        for msg, held in list(self.held.items()):
-            if msg not in active:
-                self.held.pop(msg)
-                self._note(held.session, held.reply_to, released=[msg])
+        return [self.held.pop(msg) for msg in list(self.held) if msg not in active]
 
     # -- notes to the clients ---------------------------------------------------------------------------------------
 
@@ -429,7 +443,8 @@ class Tasks(bootsteps.StartStopStep):  # type: ignore[misc]
             self._timer = None
         if c.task_consumer is None or _gate is None:
             return
-        if _restarting(c):  # the connection was lost and Celery restarts the consumer: the gate keeps its tasks
+        if _restarting(c):  # the connection was lost and Celery restarts the consumer: the gate keeps the running
+            _gate.give_back_unstarted()  # tasks and gives back those Celery dropped
             _gate.detach()
         else:
             _gate.stop_taking("the worker is stopping")

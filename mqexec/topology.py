@@ -123,6 +123,11 @@ def blob_queue_name(cfg: Config, digest: str, part: int | None = None) -> str:
     return base if part is None else f"{base}.{part}"
 
 
+def blob_queue_names(cfg: Config, digest: str, parts: int) -> list[str]:
+    """The queues of blob ``digest``: one (``parts`` 0: a single message), or one per piece."""
+    return [blob_queue_name(cfg, digest)] if not parts else [blob_queue_name(cfg, digest, i) for i in range(parts)]
+
+
 def blob_queue(cfg: Config, name: str) -> Queue:
     """A blob queue: classic (a quorum queue counts every read as a delivery and RabbitMQ 4 drops a message after
     20), expiring with its client's session."""

@@ -214,14 +214,24 @@ def _beam_pids(needle: bytes) -> list[int]:
 
 def _kill_beams(needle: bytes, timeout: float = 15.0) -> None:
     """SIGKILL the VMs matching ``needle`` and wait until they are gone."""
-    for pid in _beam_pids(needle):
+    pids = _beam_pids(needle)
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while _beam_pids(needle):
+    # by pid, not by command line: a VM freeing its memory has an empty cmdline for a while, not yet a zombie
+    while left := [pid for pid in pids if _running(pid)] or _beam_pids(needle):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"RabbitMQ VMs {_beam_pids(needle)} survived SIGKILL for {timeout:.0f} s")
+            raise RuntimeError(f"RabbitMQ VMs {left} survived SIGKILL for {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

@@ -199,6 +199,27 @@ def test_five_connection_blips_during_one_task(
     )
 
 
+def test_blips_between_short_tasks_lose_none_that_celery_dropped(
+    node: PrivateNode, on_node: dict[str, Any], start_worker: Callable[..., Worker], tmp_path: Path
+) -> None:
+    """Short tasks: the worker holds one task waiting per process. Celery drops such a task when the connection
+    goes (``Consumer.on_close``: "they will be redelivered"), but it was acknowledged when taken: the worker gives
+    it back to its client after reconnecting. Before, its lease was renewed for ever and the run hung."""
+    log, n = tmp_path / "runs", 300
+    start_worker("--concurrency", "1", broker=node.url())
+    with mqexec.Client(node.url(), **on_node) as client:
+        futures = client.map(record_and_sleep, [str(log)] * n, range(n), [0.03] * n, batch_size=1)
+        for i, done in enumerate((30, 100, 170)):
+            wait_for(f"{done} results", lambda done=done: sum(f.done() for f in futures) >= done, 120)
+            node.close_all_connections(f"fault test: blip {i + 1} between short tasks")
+        results = [f.result(timeout=120) for f in futures]  # a dropped task hung here for ever
+        stats = client.stats()["counts"]
+    print(f"\nblips between short tasks: client counts {stats}")
+    assert results == [i * 10 for i in range(n)]
+    assert set(runs(log)) == set(range(n))
+    assert stats.get("dead", 0) == 0
+
+
 def test_a_dead_lettered_task_states_how_often_it_was_delivered(node: PrivateNode, on_node: dict[str, Any]) -> None:
     """A message that consumers keep handing back is dead-lettered by the broker; the future's error says how
     often it was really delivered (RabbitMQ's x-death count counts dead-letterings, always 1 here)."""
