@@ -100,6 +100,7 @@ class Courier(threading.Thread):
         self._to_ack: Any = None  # the last message taken from the results queue, not yet acknowledged
         self._fast: dict[str, float] = {}  # function hash → its calls' average time on the workers (s)
         self._max_message: int | None = None  # the broker's max_message_size, once it refused a blob piece
+        self._refused_queues: list[str] = []  # the queues of blobs the broker refused, for close() to delete
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -164,9 +165,10 @@ class Courier(threading.Thread):
         with self._puts_lock:
             big = {d for d, data in self._blob_data.items() if min(len(data), self.cfg.piece_size) > limit}
             self._puts = [(d, data) for d, data in self._puts if d not in big]
-            for digest in big:
+            for digest in big:  # their queues were declared before the broker refused the message: close deletes them
+                parts = _count(pieces(self._blob_data.pop(digest), self.cfg.piece_size))
+                self._refused_queues += blob_queue_names(self.cfg, digest, parts)
                 self.blobs.pop(digest, None)
-                self._blob_data.pop(digest, None)
         self._unconfirmed = {t: m for t, m in self._unconfirmed.items() if m.removeprefix("blob:") not in big}
         values = self.ledger.values
 
@@ -182,7 +184,8 @@ class Courier(threading.Thread):
         confirm had not come yet waits in the puts although its queue may well be on the broker)."""
         with self._puts_lock:
             waiting = [(d, _count(pieces(data, self.cfg.piece_size))) for d, data in self._puts]
-        return [n for d, parts in [*self.blobs.items(), *waiting] for n in blob_queue_names(self.cfg, d, parts)]
+        names = [n for d, parts in [*self.blobs.items(), *waiting] for n in blob_queue_names(self.cfg, d, parts)]
+        return names + self._refused_queues
 
     def blob_bytes(self, ref: Ref) -> bytes:
         """The bytes of a blob this client put (to run a call again locally)."""
@@ -393,9 +396,13 @@ class Courier(threading.Thread):
             self._tag += 1
 
     def _send_blobs(self) -> None:
-        with self._puts_lock:
-            puts, self._puts = self._puts, []
-        for digest, data in puts:
+        """Put the waiting blobs, each taken off the list only once published (a lost connection midway leaves it
+        there for the next connection)."""
+        while True:
+            with self._puts_lock:
+                if not self._puts:
+                    return
+                digest, data = self._puts[0]
             parts = pieces(data, self.cfg.piece_size)
             names = blob_queue_names(self.cfg, digest, _count(parts))
             for name, part in zip(names, parts, strict=True):
@@ -413,7 +420,9 @@ class Courier(threading.Thread):
                 )
                 if self.cfg.transport.confirms:
                     self._unconfirmed[self._tag] = f"blob:{digest}"
-            self.blobs[digest] = _count(parts)
+            with self._puts_lock:
+                self._puts.pop(0)
+                self.blobs[digest] = _count(parts)
 
     def _keep_blobs(self) -> None:
         """Redeclare this session's blob queues, so a long idle stretch does not expire them (x-expires); on a

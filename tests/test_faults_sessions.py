@@ -85,8 +85,9 @@ def test_a_killed_clients_tasks_are_skipped_and_its_queues_expire(
     wait_for("the dead client's task queue drained", lambda: messages_in(node.url(), task_queue_name(cfg)) == 0, 60)
     drained = time.monotonic() - killed
     skipped = [logged_at(w.text(), f"its client (session {session}) is gone", killed_wall) for w in workers]
-    assert any(".blob." in q for q in queues(node))
-    session_queues = [results_queue_name(cfg, session), *(q for q in queues(node) if ".blob." in q)]
+    blob = f"{cfg.queue_prefix}.blob."
+    assert any(q.startswith(blob) for q in queues(node))
+    session_queues = [results_queue_name(cfg, session), *(q for q in queues(node) if q.startswith(blob))]
     wait_for("its queues expired", lambda: not any(queue_exists(node.url(), q) for q in session_queues), 90)
     gone = time.monotonic() - killed
     started = stamps(log)
@@ -165,7 +166,8 @@ def test_close_after_a_lost_connection_cleans_up_or_says_what_it_left(
     caplog.set_level(logging.WARNING, logger="mqexec.client")
     client = mqexec.Client(node.url(), **{**on_node, "session_expire": SESSION_EXPIRE})
     assert client.submit(len, bytes(100_000)).result(timeout=60) == 100_000  # a blob queue too
-    mine = [q for q in queues(node) if client.session in q or ".blob." in q]
+    blob = f"{client.config.queue_prefix}.blob."
+    mine = [q for q in queues(node) if client.session in q or q.startswith(blob)]
     assert len(mine) >= 2, mine  # results, the argument's blob (and the shipped code's)
     node.close_all_connections("fault test: close after a blip")
     started = time.monotonic()
@@ -176,7 +178,7 @@ def test_close_after_a_lost_connection_cleans_up_or_says_what_it_left(
 
     client = mqexec.Client(node.url(), **{**on_node, "session_expire": SESSION_EXPIRE})
     assert client.submit(len, bytes(100_001)).result(timeout=60) == 100_001
-    mine = [q for q in queues(node) if client.session in q or (".blob." in q)]
+    mine = [q for q in queues(node) if client.session in q or q.startswith(blob)]
     node.stop()
     started = time.monotonic()
     client.close()
