@@ -124,9 +124,9 @@ class Courier(threading.Thread):
                 limit = refused_size(exc)
                 if limit is not None:
                     self._refuse_big_blobs(limit)
+                self._fail_unsendable()  # right after a failed attempt: never a call the next attempt could send
                 self._stop_event.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-                self._fail_unsendable()
                 self._housekeeping()
         self._disconnect()
 
@@ -372,7 +372,8 @@ class Courier(threading.Thread):
                     self.ledger.resend(m.id, died=m.worker == name, why=f"the local worker {name} died")
 
     def _fail_unsendable(self) -> None:
-        """While the broker is unreachable: calls waiting longer than ``publish_timeout`` fail and are forgotten."""
+        """While the broker is unreachable: calls waiting longer than ``publish_timeout`` (since the broker was last
+        reached, and since they were submitted) fail and are forgotten."""
         limit = self.cfg.publish_timeout
         now = time.monotonic()
         since = now - self.last_ok
@@ -382,7 +383,7 @@ class Courier(threading.Thread):
             f"the broker {redact(self.cfg.broker_url or '')} has been unreachable for {since:.0f} s "
             f"(publish_timeout {limit:g} s): {self._outage}"
         )
-        n = self.ledger.fail_all(lambda c: c.message is None, exc, forget=True)
+        n = self.ledger.fail_all(lambda c: c.message is None and now - c.submitted >= limit, exc, forget=True)
         if n:
             log.error("%d call(s) failed: %s", n, exc)
 

@@ -63,6 +63,7 @@ class CallRecord:
     waiting: set[Key] = field(default_factory=set)
     message: str | None = None
     attempts: int = 0  #: times it was started and its worker died
+    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass

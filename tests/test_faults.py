@@ -291,7 +291,7 @@ def test_half_open_connections_are_noticed_and_nothing_is_lost(
     )
     assert client_noticed is not None and client_noticed - frozen_wall < 3 * 2.0 + 2
     assert all(w is not None and w - frozen_wall < 3 * 2.0 + 2 for w in worker_noticed), worker_noticed
-    assert max(submits) < 1.0
+    assert max(submits) < 5.0  # bounded (it blocked 45 s and more); ~0.4 s on a quiet machine, 1.4 s at load 7
     assert set(counts) == set(range(n + 20))
     record(
         "3",

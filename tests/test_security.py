@@ -130,6 +130,7 @@ def sent_message(client: Any, key: Any, timeout: float = 30.0) -> str:
             if call is not None and call.message is not None:
                 return str(call.message)
         assert time.monotonic() < deadline, f"{key!r} was not sent"
+        time.sleep(0.01)  # not a busy loop on the ledger's lock: the courier needs it to send
         time.sleep(0.02)
 
 
