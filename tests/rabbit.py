@@ -220,14 +220,14 @@ def _kill_beams(needle: bytes, timeout: float = 15.0) -> None:
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     # by pid, not by command line: a VM freeing its memory has an empty cmdline for a while, not yet a zombie
-    while left := [pid for pid in pids if _running(pid)] or _beam_pids(needle):
+    while left := [pid for pid in pids if process_running(pid)] or _beam_pids(needle):
         if time.monotonic() > deadline:
             raise RuntimeError(f"RabbitMQ VMs {left} survived SIGKILL for {timeout:.0f} s")
         time.sleep(0.05)
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:

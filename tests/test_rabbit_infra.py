@@ -34,6 +34,7 @@ from rabbit import (
     fixture_rabbit_node,  # noqa: F401 - the rabbit_node fixture
     fixture_rabbit_tls,  # noqa: F401 - the rabbit_tls fixture
     max_message_size,
+    process_running,
     sweep_orphans,
     traffic_of_port,
 )
@@ -41,14 +42,6 @@ from rabbit import (
 TESTS = Path(__file__).resolve().parent
 TIMEOUT_MS = 5_000  # the consumer_timeout tested here (the preset's default, 20 s, works the same way)
 MiB = 1024 * 1024
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _local_port(conn: Connection) -> int:
@@ -105,7 +98,7 @@ def test_node_keeps_users_and_messages_across_stop_and_kill9(rabbit_node: Callab
         _publish(conn, "kept", [b"m2"])
 
     pid = node.kill9()
-    assert not node.running and not _alive(pid)
+    assert not node.running and not process_running(pid)
     node.start()
     with Connection(url, connect_timeout=5) as conn:
         assert _drain(conn, "kept", 2, timeout=10) == [b"m1", b"m2"]
@@ -148,13 +141,13 @@ def test_nodes_of_an_interrupted_or_killed_run_are_removed() -> None:
 
     interrupted_dir, interrupted_pid = left["SIGINT"]
     assert children["SIGINT"].returncode != 0
-    assert not interrupted_dir.parent.exists() and not _alive(interrupted_pid)
+    assert not interrupted_dir.parent.exists() and not process_running(interrupted_pid)
 
     killed_dir, killed_pid = left["SIGKILL"]
     assert children["SIGKILL"].returncode == -signal.SIGKILL
-    assert _alive(killed_pid), "a SIGKILLed run leaves its node running (nothing could stop it)"
+    assert process_running(killed_pid), "a SIGKILLed run leaves its node running (nothing could stop it)"
     assert killed_dir.parent in sweep_orphans()
-    assert not killed_dir.parent.exists() and not _alive(killed_pid)
+    assert not killed_dir.parent.exists() and not process_running(killed_pid)
 
 
 # ------------------------------------------------------------------------------------------------- presets
