@@ -86,7 +86,9 @@ def test_kill9_of_the_task_queue_leader_mid_coffea_run(
         f"\nfailover: killed {killed['node']}; next result {to_next:.1f} s later; {stats}; workers alive "
         f"{[w.proc.poll() is None for w in workers]}"
     )
-    assert all(w.proc.poll() is None for w in workers)
+    assert all(w.proc.poll() is None for w in workers), [
+        (w.proc.returncode, w.text()[-4000:]) for w in workers if w.proc.poll() is not None
+    ]
     record(
         "9",
         "`kill -9` of the node leading the task queue (3-node cluster, quorum queues) mid coffea run",
