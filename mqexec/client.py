@@ -532,7 +532,10 @@ class Client:
             return ref.data if ref.data is not None else self._courier.blob_bytes(ref)
 
         def value(key: Key) -> Any:
-            state, _ = self._ledger.state(key)
+            with self._ledger.lock:
+                state = call.inputs.get(key) or self._ledger.states.get(key)
+            if state is None:  # never wait on a state nobody will settle
+                raise ValueError(f"this client no longer holds {key!r}, an argument of {future.key!r}")
             return Future(key, state, self).result()
 
         with resolving(value):

@@ -64,6 +64,7 @@ class CallRecord:
     message: str | None = None
     attempts: int = 0  #: times it was started and its worker died
     submitted: float = field(default_factory=time.monotonic)
+    inputs: dict[Key, FutureState] = field(default_factory=dict)  #: settled, its arguments' futures (recreate_*)
 
 
 @dataclass
@@ -280,6 +281,7 @@ class Ledger:
         with self.lock:
             call = self.calls.get(key)
             if call is not None and call.message == mid:
+                call.inputs = {d: self.states[d] for d in call.deps if d in self.states}  # they may go with the call
                 self._drop_call(key)
                 self.finished_calls[key] = call
             m = self.messages.get(mid)

@@ -220,3 +220,26 @@ def test_wait_for_workers_names_them_or_says_how_many_answered(start_worker, cli
     assert len(names) == 2 and all(client.config.queue_prefix in n for n in names)
     with pytest.raises(TimeoutError, match=r"2 of 3 workers of queue prefix .* answered within 1 s"):
         client.wait_for_workers(3, timeout=1)
+
+
+def _dec(x):
+    return x - 1
+
+
+def _div(x, y):
+    return x / y
+
+
+def test_recreate_error_locally_after_its_arguments_futures_are_gone(worker, client):
+    """The argument's future was a temporary: once the failed call settled, the client forgot that key. Recreating
+    the call still has its value (kept with the finished call); it waited for ever on a new, unsettled state."""
+    import gc
+
+    bad = client.submit(_div, 1, client.submit(_dec, 1))
+    assert isinstance(bad.exception(timeout=60), ZeroDivisionError)
+    gc.collect()
+    client._ledger.purge()
+    assert not any(k.startswith("_dec-") for k in client._ledger.states)  # forgotten, as in the CI run that hung
+    with pytest.raises(ZeroDivisionError):
+        client.recreate_error_locally(bad)
+    assert client.recreate_task_locally(client.submit(_dec, 5)) == 4
