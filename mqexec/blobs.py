@@ -39,6 +39,15 @@ def pieces(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
+def piece_count(length: int, size: int) -> int:
+    """How many :func:`pieces` ``length`` bytes make, as a :class:`~mqexec.wire.Ref` counts them: 0 for one piece.
+
+    >>> piece_count(10, 4), piece_count(4, 4)
+    (3, 0)
+    """
+    return 0 if length <= size else -(-length // size)
+
+
 class BlobCache:
     """A worker's view of blobs: process memory, then the disk cache, then the broker.
 

@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .blobs import pieces
+from .blobs import piece_count, pieces
 from .broker import connect, drop, redact, refused_size
 from .errors import BrokerError, SignatureError, TaskDeadLettered
 from .futures import Lazy
@@ -143,7 +143,7 @@ class Courier(threading.Thread):
         digest = digest or sha256(data)
         if self._max_message is not None and min(len(data), self.cfg.piece_size) > self._max_message:
             raise self._too_large(self._max_message)
-        parts = 0 if len(data) <= self.cfg.piece_size else len(pieces(data, self.cfg.piece_size))
+        parts = piece_count(len(data), self.cfg.piece_size)
         with self._puts_lock:
             if digest not in self.blobs and digest not in self._blob_data:
                 self._blob_data[digest] = data
@@ -166,7 +166,7 @@ class Courier(threading.Thread):
             big = {d for d, data in self._blob_data.items() if min(len(data), self.cfg.piece_size) > limit}
             self._puts = [(d, data) for d, data in self._puts if d not in big]
             for digest in big:  # their queues were declared before the broker refused the message: close deletes them
-                parts = _count(pieces(self._blob_data.pop(digest), self.cfg.piece_size))
+                parts = piece_count(len(self._blob_data.pop(digest)), self.cfg.piece_size)
                 self._refused_queues += blob_queue_names(self.cfg, digest, parts)
                 self.blobs.pop(digest, None)
         self._unconfirmed = {t: m for t, m in self._unconfirmed.items() if m.removeprefix("blob:") not in big}
@@ -183,7 +183,7 @@ class Courier(threading.Thread):
         """The queues of every blob this session put or is about to put again (after a reconnect, a blob whose
         confirm had not come yet waits in the puts although its queue may well be on the broker)."""
         with self._puts_lock:
-            waiting = [(d, _count(pieces(data, self.cfg.piece_size))) for d, data in self._puts]
+            waiting = [(d, piece_count(len(data), self.cfg.piece_size)) for d, data in self._puts]
         names = [n for d, parts in [*self.blobs.items(), *waiting] for n in blob_queue_names(self.cfg, d, parts)]
         return names + self._refused_queues
 
@@ -405,7 +405,8 @@ class Courier(threading.Thread):
                     return
                 digest, data = self._puts[0]
             parts = pieces(data, self.cfg.piece_size)
-            names = blob_queue_names(self.cfg, digest, _count(parts))
+            count = piece_count(len(data), self.cfg.piece_size)
+            names = blob_queue_names(self.cfg, digest, count)
             for name, part in zip(names, parts, strict=True):
                 queue = blob_queue(self.cfg, name)(self._channel)
                 if queue.queue_declare()[1]:  # already there (another session of this analysis put it)
@@ -423,7 +424,7 @@ class Courier(threading.Thread):
                     self._unconfirmed[self._tag] = f"blob:{digest}"
             with self._puts_lock:
                 self._puts.pop(0)
-                self.blobs[digest] = _count(parts)
+                self.blobs[digest] = count
 
     def _keep_blobs(self) -> None:
         """Redeclare this session's blob queues, so a long idle stretch does not expire them (x-expires); on a
@@ -671,8 +672,3 @@ class Courier(threading.Thread):
             self.ledger.counts["dead_broker"] += 1
             exc = TaskDeadLettered(f"task {call.label} [{call.key}] could not run: {why}")
             self.ledger.outcome(task.id, call.key, lambda s, exc=exc: s.fail(exc), None)  # type: ignore[misc]
-
-
-def _count(parts: list[bytes]) -> int:
-    """How a blob's pieces are counted on the wire (:class:`~mqexec.wire.Ref`): 0 for a single message."""
-    return 0 if len(parts) == 1 else len(parts)
