@@ -63,7 +63,7 @@ def make_app(cfg: Config, *, worker: bool = False, owner: Identity | None = None
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,  # no effect without acks_late; silences a warning
-        worker_send_task_events=True,
+        worker_send_task_events=False,  # until Flower asks (its signed enable_events): 3 messages a task
         task_send_sent_event=False,  # Flower learns of a task from the worker's task-received event
         task_create_missing_queues=False,
         task_queues=[task_queue(cfg)] + [task_queue(cfg, r) for r in sorted(cfg.resources)],
