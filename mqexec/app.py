@@ -28,6 +28,11 @@ def _broker_url(cfg: Config) -> str:
     return ";".join("pyamqp" + u[u.index(":") :] for u in urls)
 
 
+#: the worker event a worker sends when it takes its first task (task events are off until Flower asks for them;
+#: ``mqexec submit dirac`` times the first worker of each job with it)
+FIRST_TASK_EVENT = "worker-first-task"
+
+
 def make_app(cfg: Config, *, worker: bool = False, owner: Identity | None = None) -> Celery:
     """A Celery app for this config.
 

@@ -161,6 +161,8 @@ class Gate:
         self.held[task.id] = _Held(task.id, task.session, task.reply_to, time.monotonic())
         self.taken += 1
         self._note(task.session, task.reply_to, held=[task.id])
+        if self.taken == 1:
+            self._first_task()
         if len(self.held) >= self.capacity:
             self._pause()
         message.ack()
@@ -354,6 +356,18 @@ class Gate:
             )
         except Exception as exc:  # the connection is going; the next renewal after reconnecting covers it
             log.debug("lease note to %s failed: %s", reply_to, exc)
+
+    def _first_task(self) -> None:
+        """Say that this worker took its first task, as a worker event: sent while task events are off (the time to
+        the first worker of ``mqexec submit dirac``)."""
+        from .app import FIRST_TASK_EVENT
+
+        dispatcher = getattr(self._c, "event_dispatcher", None)
+        if dispatcher is not None:
+            try:
+                dispatcher.send(FIRST_TASK_EVENT)
+            except Exception as exc:  # events are best effort
+                log.debug("could not send %s: %s", FIRST_TASK_EVENT, exc)
 
     def _log_once(self, kind: str, text: str) -> None:
         kind = kind.split(":")[0][:60]

@@ -7,8 +7,8 @@ One line per step and job, timed from the submission, as it happens::
     job 4711001: first task started on mqexec-py3.11-4711001@wn042 +44.1 s
 
 DIRAC's status is seen at each poll; the credentials when the key service answers; the first task in the
-workers' own Celery ``task-started`` events, read with the app's event receiver (so whatever exchange the app
-uses for events, this follows it).
+event a worker sends when it takes its first task (``worker-first-task``, sent while task events are off), read
+with the app's event receiver (so whatever exchange the app uses for events, this follows it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger("mqexec.dirac")
 
 
 class FirstWorkers:
-    """Watches a run's jobs start; :meth:`start` (just before submitting) listens to task events until :meth:`stop`.
+    """Watches a run's jobs start; :meth:`start` (just before submitting) listens to worker events until :meth:`stop`.
 
     >>> watch = FirstWorkers(cfg)                     # doctest: +SKIP
     >>> watch.start(); workers = DiracWorkers(settings, on_credentials=watch.credentials)   # doctest: +SKIP
@@ -51,7 +51,7 @@ class FirstWorkers:
         self._listening = threading.Event()
 
     def jobs(self, ids: Sequence[int]) -> None:
-        """These are the run's jobs (task events of other workers on the broker are ignored)."""
+        """These are the run's jobs (events of other workers on the broker are ignored)."""
         with self._lock:
             self._ids.update(ids)
 
@@ -87,10 +87,10 @@ class FirstWorkers:
             job, seconds = min(self.first_task.items(), key=lambda item: item[1])
         return f"the first task started +{seconds:.1f} s after submission (job {job})"
 
-    # -- the workers' task events ----------------------------------------------------------------------------
+    # -- the workers' events ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen to the workers' task events (returns once listening, or after 10 s if the broker is slow).
+        """Listen to the workers' events (returns once listening, or after 10 s if the broker is slow).
 
         Raises:
             BrokerError: the broker cannot be reached (said in seconds, before anything is submitted).
@@ -103,16 +103,16 @@ class FirstWorkers:
         self.t0 = self.clock()  # what follows is the submission: times count from here
 
     def _listen(self) -> None:
-        from ..app import make_app
+        from ..app import FIRST_TASK_EVENT, make_app
 
         app = make_app(self.cfg)
         try:
             with app.connection_for_read() as conn:
-                self._receiver = app.events.Receiver(conn, handlers={"task-started": self._task_started})
+                self._receiver = app.events.Receiver(conn, handlers={FIRST_TASK_EVENT: self._task_started})
                 self._listening.set()
                 self._receiver.capture(limit=None, timeout=None, wakeup=False)
         except Exception as exc:  # the run goes on without first-task times
-            log.warning("cannot follow the workers' task events (no first-task times): %s", exc)
+            log.warning("cannot follow the workers' events (no first-task times): %s", exc)
         finally:
             self._listening.set()
 
