@@ -2,9 +2,10 @@
 """coffea Runner benchmark: the AGC CMS ttbar processor on synthetic NanoAOD, one executor after another.
 
 Same machine, same fileset (written by ``tools/synthetic.py`` on first use and reused afterwards), same
-chunksize; for each executor one timed ``Runner`` call (wall time from submitting the fileset to the merged
-output, excluding executor set-up such as starting a Dask cluster, which is reported separately). Every
-executor's output is checked against FuturesExecutor's (same nevents, same histograms).
+chunksize; each executor in a fresh Python process of its own, one timed ``Runner`` call per repeat (wall time
+from submitting the fileset to the merged output, excluding executor set-up such as starting a Dask cluster,
+which is reported separately). Every executor's output is checked against FuturesExecutor's (same nevents,
+same histograms).
 
     python benchmarks/coffea_runner.py                         # iterative, futures, dask, mqexec
     python benchmarks/coffea_runner.py --mqexec                # + MQExecutor, 2 mqexec workers on RabbitMQ
@@ -141,40 +142,64 @@ def _warm_page_cache(fileset: dict) -> None:
                     pass
 
 
-def run(names, fileset, agc, chunksize, repeat=1):
-    """Time each executor (best of ``repeat`` runs); returns table rows and the outputs by name."""
+def _measure(name, fileset, chunksize, repeat):
+    """Best of ``repeat`` runs of one executor: (row, output). Runs in a fresh interpreter of its own (see run)."""
+    agc = _load_example()
+    label, factory = EXECUTORS[name]
+    best, output = None, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        try:
+            with factory() as executor:
+                setup = time.perf_counter() - t0
+                out, metrics, wall = agc.run_analysis(fileset, executor, chunksize=chunksize)
+        except Exception as exc:  # keep going: one broken executor should not hide the others' numbers
+            print(f"{label}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return {"name": name, "label": label, "failed": f"{type(exc).__name__}: {exc}"}, None
+        n_events = sum(out["nevents"].values())
+        print(
+            f"{label}: {n_events:,} events, {metrics.get('chunks')} chunks, {wall:.2f} s "
+            f"({n_events / wall:,.0f} events/s), set-up {setup:.2f} s",
+            file=sys.stderr,
+        )
+        if best is None or wall < best["wall"]:
+            output = out
+            best = {
+                "name": name,
+                "label": label,
+                "setup": setup,
+                "wall": wall,
+                "events": n_events,
+                "rate": n_events / wall,
+                "chunks": metrics.get("chunks"),
+            }
+    return best, output
+
+
+def _measure_into(pipe, *args):
+    pipe.send(_measure(*args))
+    pipe.close()
+
+
+def run(names, fileset, chunksize, repeat=1):
+    """Time each executor (best of ``repeat`` runs); returns table rows and the outputs by name.
+
+    Each executor runs in a fresh interpreter: run one after another in one process, whichever ran second was
+    ~20 % slower, whichever it was (a process grown by the first run forks and collects more slowly)."""
+    import multiprocessing
+
     rows = []
     outputs = {}
+    spawn = multiprocessing.get_context("spawn")
     for name in names:
-        label, factory = EXECUTORS[name]
-        best = None
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            try:
-                with factory() as executor:
-                    setup = time.perf_counter() - t0
-                    output, metrics, wall = agc.run_analysis(fileset, executor, chunksize=chunksize)
-            except Exception as exc:  # keep going: one broken executor should not hide the others' numbers
-                print(f"{label}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-                best = {"name": name, "label": label, "failed": f"{type(exc).__name__}: {exc}"}
-                break
-            n_events = sum(output["nevents"].values())
-            print(
-                f"{label}: {n_events:,} events, {metrics.get('chunks')} chunks, {wall:.2f} s "
-                f"({n_events / wall:,.0f} events/s), set-up {setup:.2f} s",
-                file=sys.stderr,
-            )
-            if best is None or wall < best["wall"]:
-                outputs[name] = output
-                best = {
-                    "name": name,
-                    "label": label,
-                    "setup": setup,
-                    "wall": wall,
-                    "events": n_events,
-                    "rate": n_events / wall,
-                    "chunks": metrics.get("chunks"),
-                }
+        receive, send = spawn.Pipe(duplex=False)
+        child = spawn.Process(target=_measure_into, args=(send, name, fileset, chunksize, repeat))
+        child.start()  # not a Pool: its processes are daemons, which may not start the executors' own processes
+        send.close()
+        best, output = receive.recv()
+        child.join()
+        if output is not None:
+            outputs[name] = output
         rows.append(best)
     reference = next((r for r in rows if r["name"] == REFERENCE and "failed" not in r), None)
     for row in rows:
@@ -241,7 +266,7 @@ def main(argv=None) -> int:
     _warm_page_cache(fileset)
 
     load_before = os.getloadavg()[0]
-    rows, _ = run(names, fileset, agc, args.chunksize, args.repeat)
+    rows, _ = run(names, fileset, args.chunksize, args.repeat)
     print()
     print(
         f"AGC ttbar, synthetic NanoAOD: {n_events:,} events in {n_files} files ({size / 1e9:.2f} GB), "

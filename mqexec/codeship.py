@@ -27,6 +27,7 @@ import site
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -59,39 +60,51 @@ def _installed_roots() -> tuple[str, ...]:
 
 _verdicts: dict[tuple[str, str], Path | None] = {}  #: (top-level name, its __file__) → its path if local
 _installed: set[str] = set()  #: top-level names of installed distributions, as last read
+_lock = threading.Lock()
 
 
-def _judge(name: str, module: ModuleType) -> Path | None:
-    """The path of a top-level module if it is the analysis's own, else None."""
-    global _installed
+def _outside(module: ModuleType) -> Path | None:
+    """The path of a module from outside the Python installation (else None)."""
     path = _origin(module)
     if path is None or str(path).startswith(os.sep + "proc") or str(path).startswith(_installed_roots()):
         return None
-    if name not in _installed:  # outside the installation: an editable install? (~0.2 s to read them all)
-        from importlib.metadata import packages_distributions
-
-        _installed = set(packages_distributions())
-    return None if name in _installed else path
+    return path
 
 
 def local_modules() -> dict[str, Path]:
     """Top-level modules of the analysis itself: name → package folder or module file.
 
-    Called at most once a second while a client submits: each module is judged once per process (by name and
-    file), and the installed distributions are read again only for a module from outside the installation that
-    was not judged before — reading them costs ~0.2 s with a HEP stack installed.
+    Called at most once a second while a client submits. Each module is judged once per process (by name and
+    file). A module from outside the installation may still be an installed distribution (an editable install):
+    the installed distributions are read — once per call, and only when such a module is new — which costs
+    ~0.2 s with a HEP stack; a client starts the first reading in the background (:func:`prepare`).
     """
-    found: dict[str, Path] = {}
-    for name, module in list(sys.modules.items()):
-        if "." in name or name == "__main__":
-            continue
-        seen = (name, str(getattr(module, "__file__", None)))
-        if seen not in _verdicts:
-            _verdicts[seen] = _judge(name, module)
-        path = _verdicts[seen]
-        if path is not None:
-            found[name] = path
-    return found
+    global _installed
+    with _lock:
+        modules = [(n, m) for n, m in list(sys.modules.items()) if "." not in n and n != "__main__"]
+        fresh = {}
+        for name, module in modules:
+            seen = (name, str(getattr(module, "__file__", None)))
+            if seen not in _verdicts:
+                fresh[seen] = _outside(module)
+        if any(path is not None and name not in _installed for (name, _), path in fresh.items()):
+            from importlib.metadata import packages_distributions
+
+            _installed = set(packages_distributions())
+        for (name, file), path in fresh.items():
+            _verdicts[name, file] = None if name in _installed else path
+        found: dict[str, Path] = {}
+        for name, module in modules:
+            path = _verdicts[name, str(getattr(module, "__file__", None))]
+            if path is not None:
+                found[name] = path
+        return found
+
+
+def prepare() -> None:
+    """Judge the modules imported so far in the background (a client does it as it starts), so that the first
+    ``submit`` does not wait for the reading of the installed distributions."""
+    threading.Thread(target=local_modules, name="mqexec-codeship", daemon=True).start()
 
 
 def _origin(module: ModuleType) -> Path | None:
@@ -141,6 +154,7 @@ class Shipper:
         self._current: Archive | None = None
         self._stamp: Any = None
         self._checked = 0.0
+        prepare()
 
     def current(self) -> Archive | None:
         now = time.monotonic()
