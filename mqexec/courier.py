@@ -630,7 +630,8 @@ class Courier(threading.Thread):
             for mid in head.get("skipped", []):
                 self.ledger.resend(mid, died=False, why="a worker skipped it while this client was away")
             for mid, why in head.get("lost", []):
-                self.ledger.counts["lost"] += 1
+                if mid in self.ledger.messages:  # a note delivered again after a reconnect counts once
+                    self.ledger.counts["lost"] += 1
                 self.ledger.resend(mid, died=True, why=f"on {frame.worker}: {why}")
         elif frame.kind == "piece":
             self._pieces.setdefault((head["msg"], key_from_json(head["k"])), {})[int(head["i"])] = frame.parts[0]
