@@ -87,7 +87,7 @@ class FirstWorkers:
             job, seconds = min(self.first_task.items(), key=lambda item: item[1])
         return f"the first task started +{seconds:.1f} s after submission (job {job})"
 
-    # -- the workers' events ----------------------------------------------------------------------------
+    # -- the workers' events ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Listen to the workers' events (returns once listening, or after 10 s if the broker is slow).
