@@ -81,24 +81,19 @@ def local_modules() -> dict[str, Path]:
     """
     global _installed
     with _lock:
-        modules = [(n, m) for n, m in list(sys.modules.items()) if "." not in n and n != "__main__"]
-        fresh = {}
-        for name, module in modules:
-            seen = (name, str(getattr(module, "__file__", None)))
-            if seen not in _verdicts:
-                fresh[seen] = _outside(module)
+        modules = {  # (name, file) → module: a module replaced by another file is judged again
+            (name, str(getattr(module, "__file__", None))): module
+            for name, module in list(sys.modules.items())
+            if "." not in name and name != "__main__"
+        }
+        fresh = {seen: _outside(module) for seen, module in modules.items() if seen not in _verdicts}
         if any(path is not None and name not in _installed for (name, _), path in fresh.items()):
             from importlib.metadata import packages_distributions
 
             _installed = set(packages_distributions())
         for (name, file), path in fresh.items():
             _verdicts[name, file] = None if name in _installed else path
-        found: dict[str, Path] = {}
-        for name, module in modules:
-            path = _verdicts[name, str(getattr(module, "__file__", None))]
-            if path is not None:
-                found[name] = path
-        return found
+        return {name: path for (name, file) in modules if (path := _verdicts[name, file]) is not None}
 
 
 def prepare() -> None:

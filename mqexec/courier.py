@@ -348,8 +348,8 @@ class Courier(threading.Thread):
         """Acknowledge what was taken from the results queue — all of it in one ``multiple`` ack, at most every
         ``_ACK_EVERY`` (or every ``_ACK_MANY`` messages). Each ack is a write to the quorum queue's log: acking
         every message at once, the ack of a task's "held" note landed as its result was being written and made it
-        wait (~0.3 ms of a 3 ms round trip). A message taken but not acknowledged when the connection drops comes
-        again; results settle once per key and notes are idempotent."""
+        wait (docs/benchmarks.md, "Where a round trip goes"). A message taken but not acknowledged when the
+        connection drops comes again; results settle once per key and notes are idempotent."""
         if self._to_ack is None:
             return
         if now or self._unacked >= _ACK_MANY or time.monotonic() - self._to_ack_since >= _ACK_EVERY:

@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,8 +118,7 @@ class Gate:
         else:  # AMQP pushes: the consumer is cancelled while full (see _pause) — also after a reconnect
             self._consumer = consumer
             self._paused = len(self.held) >= self.capacity  # then consume() waits for a task to finish
-        for held in self._give_back:  # after a reconnect: the tasks Celery dropped go back to their clients
-            self._note(held.session, held.reply_to, released=[held.msg])
+        self._tell(self._give_back, "released")  # after a reconnect: the tasks Celery dropped go back to their clients
         self._give_back = []
         if self.held:  # ... and the clients hear at once that we still hold the others
             self.renew()
@@ -306,8 +306,7 @@ class Gate:
 
     def release_unstarted(self) -> None:
         """At shutdown: give back the tasks taken but not started, so the clients send them again at once."""
-        for held in self._unstarted():
-            self._note(held.session, held.reply_to, released=[held.msg])
+        self._tell(self._unstarted(), "released")
 
     def give_back_unstarted(self) -> None:
         """The connection was lost: Celery has just dropped every task it had not started (``Consumer.on_close``
@@ -327,14 +326,18 @@ class Gate:
 
     def renew(self) -> None:
         """Tell every client which of its tasks this worker holds (every ``lease_interval``)."""
-        by_session: dict[tuple[str, str], list[str]] = {}
-        for held in self.held.values():
-            by_session.setdefault((held.session, held.reply_to), []).append(held.msg)
-        for (session, reply_to), ids in by_session.items():
-            self._note(session, reply_to, held=ids)
+        self._tell(self.held.values(), "held")
         now = time.time()
         if len(self._nonces) > 1000:
             self._nonces = {n: exp for n, exp in self._nonces.items() if exp > now}
+
+    def _tell(self, tasks: Iterable[_Held], what: str) -> None:
+        """One note per client: these of its tasks are ``what`` ("held", "released")."""
+        by_session: dict[tuple[str, str], list[str]] = {}
+        for held in tasks:
+            by_session.setdefault((held.session, held.reply_to), []).append(held.msg)
+        for (session, reply_to), ids in by_session.items():
+            self._note(session, reply_to, **{what: ids})
 
     def _note(self, session: str, reply_to: str, **what: Any) -> None:
         if self._channel is None:
